@@ -1,0 +1,56 @@
+"""The ``vtune`` command line: click commands that parse, call one function and print.
+
+Each command lives in its own module; this one builds the group and maps every
+:class:`~tuner.errors.VtuneError` to one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tuner.cli.common import VtuneGroup, fail
+from tuner.errors import VtuneError
+
+COMMANDS = {
+    "estimate": "tuner.cli.estimate:estimate",
+    "gpus": "tuner.cli.gpus:gpus",
+    "bench": "tuner.cli.bench:bench",
+    "search": "tuner.cli.search:search",
+    "quantize": "tuner.cli.quantize:quantize",
+    "report": "tuner.cli.report:report",
+    "deploy": "tuner.cli.deploy:deploy",
+    "tiny-model": "tuner.cli.tiny:tiny_model",
+}
+
+
+@click.group(
+    cls=VtuneGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]}
+)
+@click.version_option(package_name="vtune", prog_name="vtune")
+def cli() -> None:
+    """vtune: tune vLLM serving settings — estimate, prune, measure, write a profile."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point; exit code 2 for every user error, never a traceback for one.
+
+    click's own usage errors are reduced to one line too (click prints three by default).
+    """
+    try:
+        cli.main(args=argv, prog_name="vtune", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("vtune: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        fail(exc.format_message().replace("\n", " "))
+    except VtuneError as exc:
+        fail(str(exc))
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,105 @@
+"""Shared CLI plumbing: lazy command loading, error mapping, common option callbacks."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from tuner.errors import VtuneError
+
+
+def fail(message: str) -> None:
+    """Print one line to stderr and exit with code 2 (the user-error code)."""
+    click.echo(f"vtune: error: {message}", err=True)
+    sys.exit(2)
+
+
+class VtuneGroup(click.Group):
+    """A click group that imports command modules only when they run (keeps `estimate` fast)
+    and turns :class:`VtuneError` into one clear line and exit code 2."""
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._lazy = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = set(super().list_commands(ctx)) | {
+            name for name, target in self._lazy.items() if _importable(target)
+        }
+        return sorted(names)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self._lazy.get(cmd_name)
+        if target is None or not _importable(target):
+            return super().get_command(ctx, cmd_name)
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VtuneError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("vtune: interrupted", err=True)
+            sys.exit(130)
+
+
+def _importable(target: str) -> bool:
+    module_name = target.split(":")[0]
+    return importlib.util.find_spec(module_name) is not None
+
+
+def parse_bytes(text: str) -> int:
+    """Parse '1GiB', '512MiB', '40e9', '1073741824' into bytes."""
+    units = {
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "b": 1,
+    }
+    raw = text.strip().lower().replace("_", "")
+    for suffix in sorted(units, key=len, reverse=True):
+        if raw.endswith(suffix):
+            number, factor = raw[: -len(suffix)], units[suffix]
+            break
+    else:
+        number, factor = raw, 1
+    try:
+        value = float(number) * factor
+    except ValueError:
+        raise click.BadParameter(
+            f"not a byte size: {text!r} (use e.g. 1GiB, 512MiB, 40e9)"
+        ) from None
+    if value <= 0:
+        raise click.BadParameter(f"must be positive, got {text!r}")
+    return int(value)
+
+
+def bytes_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """click callback for byte-size options."""
+    return None if value is None else parse_bytes(value)
+
+
+def positive_int(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """click callback: reject zero and negative integers."""
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be a positive integer, got {value}")
+    return value
+
+
+def fraction_option(
+    ctx: click.Context, param: click.Parameter, value: float | None
+) -> float | None:
+    """click callback: a fraction in (0, 1]."""
+    if value is not None and not (0.0 < value <= 1.0):
+        raise click.BadParameter(f"must be in (0, 1], got {value}")
+    return value
