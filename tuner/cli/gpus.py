@@ -1,0 +1,52 @@
+"""``vtune gpus``: the GPU registry, and the cards this machine has."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+_COLUMNS = {  # registry row key -> column title
+    "name": "name",
+    "aliases": "aliases",
+    "memory_gib": "GiB",
+    "bandwidth_tbs": "TB/s",
+    "bf16_tflops": "bf16 TFLOP/s",
+    "fp8_tflops": "fp8 TFLOP/s",
+    "compute_capability": "cc",
+}
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+@click.option("--wide", is_flag=True, help="Also show quantization methods and KV dtypes.")
+def gpus(as_json: bool, wide: bool) -> None:
+    """List the GPUs vtune knows (dense datasheet peaks) and the ones detected here."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tuner.hardware import detect_gpus, format_registry_rows, match_detected
+
+    rows = format_registry_rows()
+    detected = detect_gpus()
+    if as_json:
+        payload = {"registry": rows, "detected": [d.__dict__ for d in detected]}
+        click.echo(json.dumps(payload, indent=2))
+        return
+    columns = dict(_COLUMNS)
+    if wide:
+        columns |= {"quantization": "--quantization", "kv_cache_dtypes": "--kv-cache-dtype"}
+    table = Table(title="GPU registry (dense peaks; sources in tuner/data/gpus.yaml)",
+                  title_justify="left")
+    for title in columns.values():
+        table.add_column(title, no_wrap=title == "name")
+    for row in rows:
+        table.add_row(*("-" if row[key] is None else str(row[key]) for key in columns))
+    out = Console()
+    out.print(table)
+    if not detected:
+        out.print("No NVIDIA GPU detected on this machine (no NVML / nvidia-smi).")
+    for det in detected:
+        spec = match_detected(det)
+        out.print(f"Detected GPU {det.index}: {det.name} ({det.memory_bytes / 2**30:.1f} GiB) -> "
+                  f"{spec.name if spec else 'not in the registry'}")
