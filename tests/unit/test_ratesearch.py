@@ -1,0 +1,104 @@
+"""Rate search within one launch: capacity probe, low-rate check, bisection."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from tuner.ratesearch import (
+    LoadPoint,
+    RatePoint,
+    RateSearchConfig,
+    find_max_rate,
+    objective_value,
+)
+
+
+@dataclass
+class FakeSummary:
+    request_throughput: float
+    output_throughput: float
+    ttft_p95: float
+    completed: int = 10
+    failed: int = 0
+    request_goodput: float | None = None
+
+    def stat(self, metric: str, stat: str) -> float | None:
+        return self.ttft_p95 if (metric, stat) == ("ttft", "p95") else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_throughput": self.request_throughput,
+            "request_goodput": self.request_goodput,
+        }
+
+
+class TtftSlo:
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+
+    def met(self, summary: FakeSummary) -> bool:
+        return summary.ttft_p95 < self.limit
+
+
+class QueueServer:
+    """M/M/1-like: capacity 10 req/s; TTFT grows as 0.1 / (1 - rho)."""
+
+    capacity = 10.0
+
+    def __init__(self, slo: TtftSlo | None) -> None:
+        self.slo = slo
+        self.loads: list[LoadPoint] = []
+
+    async def measure(self, load: LoadPoint) -> RatePoint:
+        self.loads.append(load)
+        rate = self.capacity if math.isinf(load.rate) else min(load.rate, self.capacity)
+        rho = min(rate / self.capacity, 0.999)
+        ttft = 0.1 / (1 - rho) if not math.isinf(load.rate) else 5.0
+        summary = FakeSummary(rate, rate * 100, ttft)
+        return RatePoint(load, summary, self.slo.met(summary) if self.slo else True)
+
+
+async def test_no_slo_takes_saturated_throughput() -> None:
+    server = QueueServer(None)
+    result = await find_max_rate(server.measure, None, RateSearchConfig(concurrency=8))
+    assert len(result.points) == 1 and math.isinf(server.loads[0].rate)
+    assert server.loads[0].concurrency == 8
+    assert objective_value(result, "throughput") == 1000.0
+
+
+async def test_bisection_converges_below_the_slo_limit() -> None:
+    slo = TtftSlo(0.5)  # 0.1/(1-rho) < 0.5  <=>  rate < 8 req/s
+    server = QueueServer(slo)
+    cfg = RateSearchConfig(concurrency=8, iterations=6, tolerance=0.02)
+    result = await find_max_rate(server.measure, slo, cfg)
+    assert result.best is not None and result.best.slo_met
+    best_rate = result.best.load.rate
+    assert 6.5 < best_rate < 8.0
+    assert all(p.load.rate <= best_rate or not p.slo_met for p in result.points[1:])
+    assert objective_value(result, "throughput") == best_rate * 100
+    assert result.to_json()["best_index"] == result.points.index(result.best)
+
+
+async def test_infeasible_slo_scores_zero() -> None:
+    slo = TtftSlo(0.05)  # even an idle server has TTFT 0.1
+    server = QueueServer(slo)
+    result = await find_max_rate(server.measure, slo, RateSearchConfig(concurrency=4))
+    assert result.best is None and "fails even at" in result.reason
+    assert objective_value(result, "throughput") == 0.0
+    assert len(server.loads) == 2
+
+
+async def test_slo_met_at_saturation_stops_after_probe() -> None:
+    slo = TtftSlo(10.0)
+    server = QueueServer(slo)
+    result = await find_max_rate(server.measure, slo, RateSearchConfig(concurrency=4))
+    assert result.best is result.points[0] and len(server.loads) == 1
+
+
+def test_point_sizing() -> None:
+    cfg = RateSearchConfig(concurrency=4, seconds_per_point=10, min_requests=8, max_requests=50)
+    assert cfg.requests_for(0.1) == 8
+    assert cfg.requests_for(2.0) == 20
+    assert cfg.requests_for(100.0) == 50

@@ -1,0 +1,153 @@
+"""Candidates, overrides, space files, pruning rules and the plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuner.errors import ParameterError
+from tuner.hardware import get_gpu
+from tuner.model import load_model
+from tuner.prune import (
+    RULE_DOMINATED,
+    RULE_INVALID,
+    RULE_KV,
+    RULE_NO_CHUNKED,
+    RULE_NO_FIT,
+    RULE_UNSUPPORTED,
+    Pruned,
+    Target,
+    Variant,
+    default_space,
+    evaluate,
+    plan,
+)
+from tuner.space import Candidate, Space, load_space_file, parse_param_overrides
+
+
+def target(
+    gpu: str = "h100",
+    model: str = "llama-3.1-8b",
+    context: int = 2048,
+    max_model_len: int = 8192,
+    **variants: str,
+) -> Target:
+    spec = load_model(model)
+    vs = {"none": Variant("none", spec.name, spec)}
+    for name, flag in variants.items():
+        vs[name] = Variant(name, spec.name, spec, flag=flag, source="online")
+    return Target(get_gpu(gpu), vs, context_len=context, max_model_len=max_model_len)
+
+
+def test_candidate_name_args_and_baseline() -> None:
+    base = Candidate()
+    assert base.is_baseline and base.name == "vllm-defaults" and base.to_vllm_args() == []
+    cand = Candidate(
+        max_num_seqs=64, enable_chunked_prefill=False, kv_cache_dtype="fp8", quantization="awq-ckpt"
+    )
+    assert cand.name == "seqs64-kvfp8-cp0-qawq-ckpt"
+    assert cand.to_vllm_args("awq") == [
+        "--max-num-seqs",
+        "64",
+        "--kv-cache-dtype",
+        "fp8",
+        "--no-enable-chunked-prefill",
+        "--quantization",
+        "awq",
+    ]
+    assert "--quantization" not in cand.to_vllm_args(None)
+
+
+def test_param_overrides() -> None:
+    out = parse_param_overrides(["max_num_seqs=16,64,256", "enable-prefix-caching=true,off"])
+    assert out == {"max_num_seqs": (16, 64, 256), "enable_prefix_caching": (True, False)}
+    with pytest.raises(ParameterError, match="unknown parameter 'max_seqs'"):
+        parse_param_overrides(["max_seqs=4"])
+    with pytest.raises(ParameterError, match="bad value"):
+        parse_param_overrides(["max_num_seqs=lots"])
+    with pytest.raises(ParameterError, match="positive"):
+        parse_param_overrides(["max_num_seqs=0"])
+    with pytest.raises(ParameterError, match="NAME=V1"):
+        parse_param_overrides(["max_num_seqs"])
+    with pytest.raises(ParameterError, match=r"\(0, 1\]"):
+        parse_param_overrides(["gpu_memory_utilization=1.5"])
+
+
+def test_space_file(tmp_path: Path) -> None:
+    f = tmp_path / "space.yaml"
+    f.write_text("max-num-seqs: [8, 32]\nenable_prefix_caching: true\n")
+    assert load_space_file(f) == {"max_num_seqs": (8, 32), "enable_prefix_caching": (True,)}
+    f.write_text("max_num_seqs: [8\n")
+    with pytest.raises(ParameterError, match="not valid YAML"):
+        load_space_file(f)
+    with pytest.raises(ParameterError, match="cannot read"):
+        load_space_file(tmp_path / "missing.yaml")
+
+
+def test_grid_enumeration() -> None:
+    space = Space({"max_num_seqs": (8, 16), "kv_cache_dtype": ("auto", "fp8")})
+    assert space.size() == 4 and len(set(space.candidates())) == 4
+
+
+def test_unsupported_method_and_kv_dtype_are_pruned() -> None:
+    t = target("a100-80gb", fp8="fp8")
+    assert evaluate(Candidate(quantization="fp8"), t).rule == RULE_UNSUPPORTED  # type: ignore
+    assert evaluate(Candidate(kv_cache_dtype="fp8"), t).rule == RULE_UNSUPPORTED  # type: ignore
+
+
+def test_batched_tokens_rules() -> None:
+    t = target()
+    no_cp = evaluate(Candidate(max_num_batched_tokens=2048, enable_chunked_prefill=False), t)
+    assert isinstance(no_cp, Pruned) and no_cp.rule == RULE_NO_CHUNKED
+    with_cp = evaluate(Candidate(max_num_batched_tokens=2048, enable_chunked_prefill=True), t)
+    assert not isinstance(with_cp, Pruned)
+    small = evaluate(Candidate(max_num_seqs=512, max_num_batched_tokens=256), t)
+    assert isinstance(small, Pruned) and small.rule == RULE_INVALID
+
+
+def test_does_not_fit() -> None:
+    t = target("l4", model="llama-3.1-70b")
+    outcome = evaluate(Candidate(max_num_seqs=16), t)
+    assert isinstance(outcome, Pruned) and outcome.rule == RULE_NO_FIT
+
+
+def test_kv_capacity_caps_max_num_seqs() -> None:
+    t = target("a100-40gb", context=8192)
+    planned, cap = evaluate(Candidate(max_num_seqs=64), t)  # type: ignore[misc]
+    assert cap is not None and planned.candidate.max_num_seqs < 64
+    assert planned.candidate.max_num_seqs == int(planned.max_concurrency)
+
+
+def test_dominated() -> None:
+    t = target("a100-40gb", context=8192)
+    outcome = evaluate(Candidate(max_num_seqs=4096, max_num_batched_tokens=8192), t)
+    assert isinstance(outcome, Pruned) and outcome.rule == RULE_DOMINATED
+
+
+def test_plan_orders_by_prediction_and_dedupes_caps() -> None:
+    t = target("a100-40gb", context=8192)
+    p = plan(Space({"max_num_seqs": (8, 64, 128)}), t)
+    names = [c.name for c in p.candidates]
+    assert len(names) == len(set(names))
+    preds = [c.predicted_tokens_per_s for c in p.candidates]
+    assert preds == sorted(preds, reverse=True)
+    assert p.baseline.candidate.is_baseline
+    # 64 and 128 both cap to what fits: one survives, the other is pruned as a repeat.
+    assert any(pr.rule == RULE_KV for pr in p.pruned)
+
+
+def test_empty_plan_names_the_rule() -> None:
+    t = target("l4", model="llama-3.1-70b")
+    with pytest.raises(ParameterError, match=r"every candidate was pruned.*does-not-fit"):
+        plan(Space({"max_num_seqs": (8, 16)}), t)
+
+
+def test_default_spaces() -> None:
+    gpu_space = default_space(target("h100", fp8="fp8"))
+    assert "kv_cache_dtype" in gpu_space.values
+    assert gpu_space.values["quantization"] == ("none", "fp8")
+    a100 = default_space(target("a100-80gb"))
+    assert "kv_cache_dtype" not in a100.values
+    cpu = default_space(target("cpu", model="qwen2.5-0.5b", max_model_len=2048))
+    assert len(cpu.values["max_num_seqs"]) >= 3

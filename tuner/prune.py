@@ -1,0 +1,278 @@
+"""Default spaces and pruning with the analytic bounds, each decision with its reason.
+
+Rules (names appear in the plan and the JSON record):
+
+- ``unsupported``: the quantization variant or KV dtype does not run on this GPU.
+- ``invalid``: vLLM would reject the combination (e.g. max_num_batched_tokens < max_num_seqs).
+- ``no-chunked-prefill``: max_num_batched_tokens below max_model_len without chunked prefill.
+- ``does-not-fit``: the weights leave no KV pool, or it cannot hold one max_model_len sequence
+  (vLLM refuses to start).
+- ``dominated``: max_num_seqs far past both the KV-feasible concurrency and the roofline knee.
+- ``kv-capacity``: max_num_seqs x the workload's context exceeds the KV capacity: capped to what
+  fits, or dropped when the capped candidate repeats another.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tuner.errors import ParameterError, UnsupportedError
+from tuner.estimate import ServingConfig, default_batch_limits, estimate
+from tuner.hardware import GpuSpec
+from tuner.model import ModelSpec
+from tuner.space import Candidate, Space
+
+RULE_UNSUPPORTED = "unsupported"
+RULE_INVALID = "invalid"
+RULE_NO_CHUNKED = "no-chunked-prefill"
+RULE_NO_FIT = "does-not-fit"
+RULE_DOMINATED = "dominated"
+RULE_KV = "kv-capacity"
+# max_num_seqs beyond this multiple of max(KV-feasible concurrency, knee) cannot pay off.
+DOMINANCE_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model variant the search can serve: the original, an online method, or a checkpoint.
+
+    ``flag`` is vLLM's ``--quantization`` value (None: unquantized, or detected from the
+    checkpoint's own config, which vLLM does itself)."""
+
+    name: str
+    model: str
+    spec: ModelSpec = field(repr=False, compare=False)
+    flag: str | None = None
+    source: str = "original"  # original | online | checkpoint | built
+    quality: dict[str, float] | None = None  # perplexity figures when the guard ran
+
+
+@dataclass(frozen=True)
+class Target:
+    """What pruning is measured against: model variants, GPU, the workload's context length."""
+
+    gpu: GpuSpec
+    variants: dict[str, Variant]
+    context_len: int  # input + output tokens of the workload's typical request
+    max_model_len: int | None = None
+    kv_cache_memory_bytes: int | None = None
+
+    @property
+    def base(self) -> Variant:
+        return self.variants["none"]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A surviving candidate with the estimates that ranked it."""
+
+    candidate: Candidate
+    predicted_tokens_per_s: float
+    kv_capacity_tokens: int
+    max_concurrency: float
+    roofline_knee_batch: float | None
+    weight_bytes: int
+
+    @property
+    def name(self) -> str:
+        return self.candidate.name
+
+
+@dataclass(frozen=True)
+class Pruned:
+    candidate: Candidate
+    rule: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Capped:
+    original: Candidate
+    capped: Candidate
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The pruned, ordered search: baseline first, then the analytically best candidates."""
+
+    baseline: Planned
+    candidates: tuple[Planned, ...]
+    pruned: tuple[Pruned, ...]
+    capped: tuple[Capped, ...]
+    space_size: int
+
+    def counts_by_rule(self) -> dict[str, int]:
+        return dict(Counter(p.rule for p in self.pruned))
+
+    def all(self) -> list[Planned]:
+        return [self.baseline, *self.candidates]
+
+
+def default_space(target: Target, *, shared_prefix: bool = False) -> Space:
+    """vtune's default space for this GPU and model: ladders of max_num_seqs and
+    max_num_batched_tokens, memory utilization, KV dtype where supported, chunked prefill,
+    prefix caching when the workload shares prefixes, and the quantization variants."""
+    gpu = target.gpu
+    variants = tuple(target.variants)
+    if gpu.is_cpu:
+        # vLLM CPU: a small ladder keeps each demo/CI search to a few launches.
+        return Space({"max_num_seqs": (2, 8, 32), "quantization": variants})
+    values: dict[str, tuple] = {
+        "max_num_seqs": (16, 32, 64, 128, 256, 512, 1024),
+        "max_num_batched_tokens": (2048, 4096, 8192, 16384),
+        "gpu_memory_utilization": (0.90, 0.95),
+        "enable_chunked_prefill": (True, False),
+        "quantization": variants,
+    }
+    if gpu.supports_kv_cache_dtype("fp8"):
+        values["kv_cache_dtype"] = ("auto", "fp8")
+    if shared_prefix:
+        values["enable_prefix_caching"] = (True, False)
+    return Space(values)
+
+
+def plan(space: Space, target: Target, *, max_candidates: int = 5000) -> Plan:
+    """Enumerate the space, prune and cap with the estimator, and order the survivors by
+    predicted decode throughput (best first). Raises ParameterError naming the rules that
+    emptied the space."""
+    if space.size() > max_candidates:
+        raise ParameterError(
+            f"the space has {space.size()} combinations (limit "
+            f"{max_candidates}); narrow it with --param or --space"
+        )
+    kept: dict[str, Planned] = {}
+    pruned: list[Pruned] = []
+    capped: list[Capped] = []
+    for cand in space.candidates():
+        if cand.quantization == "none" and len(target.variants) == 1:
+            cand = cand.with_knob("quantization", None)  # the only variant: no flag to vary
+        outcome = evaluate(cand, target)
+        if isinstance(outcome, Pruned):
+            pruned.append(outcome)
+            continue
+        planned, cap = outcome
+        if planned.name in kept:
+            if cap is not None:
+                pruned.append(Pruned(cand, RULE_KV, f"{cap.reason}: same as {planned.name}"))
+            continue
+        if cap is not None:
+            capped.append(cap)
+        kept[planned.name] = planned
+
+    baseline_outcome = evaluate(Candidate(), target, baseline=True)
+    assert not isinstance(baseline_outcome, Pruned)
+    baseline = baseline_outcome[0]
+    kept.pop(baseline.name, None)
+    if not kept:
+        counts = Counter(p.rule for p in pruned)
+        detail = ", ".join(f"{n} by {rule}" for rule, n in counts.most_common())
+        example = pruned[0].reason if pruned else "no candidates"
+        raise ParameterError(f"every candidate was pruned ({detail}); e.g. {example}")
+    ordered = sorted(kept.values(), key=lambda p: (-p.predicted_tokens_per_s, p.name))
+    return Plan(baseline, tuple(ordered), tuple(pruned), tuple(capped), space.size())
+
+
+def evaluate(
+    cand: Candidate, target: Target, *, baseline: bool = False
+) -> Pruned | tuple[Planned, Capped | None]:
+    """Apply the rules to one candidate. The baseline (vLLM defaults) is never pruned."""
+    gpu = target.gpu
+    variant = target.variants.get(cand.quantization or "none")
+    if variant is None:
+        return Pruned(cand, RULE_INVALID, f"unknown quantization variant {cand.quantization!r}")
+    if variant.flag and not gpu.supports_quantization(variant.flag):
+        return Pruned(
+            cand, RULE_UNSUPPORTED, f"--quantization {variant.flag} does not run on {gpu.name}"
+        )
+    kv_dtype = cand.kv_cache_dtype or "auto"
+    if not gpu.supports_kv_cache_dtype(kv_dtype):
+        return Pruned(
+            cand, RULE_UNSUPPORTED, f"--kv-cache-dtype {kv_dtype} does not run on {gpu.name}"
+        )
+    spec = variant.spec
+    tp = cand.tensor_parallel_size or 1
+    max_model_len = min(
+        cand.max_model_len or target.max_model_len or spec.max_position_embeddings,
+        spec.max_position_embeddings,
+    )
+    default_mbt, default_seqs = default_batch_limits(gpu, tp)
+    seqs = cand.max_num_seqs or default_seqs
+    mbt = cand.max_num_batched_tokens
+    if mbt is None:
+        # vLLM raises its default to max_model_len when chunked prefill is off.
+        mbt = (
+            default_mbt
+            if cand.enable_chunked_prefill is not False
+            else max(default_mbt, max_model_len)
+        )
+    elif cand.enable_chunked_prefill is False and mbt < max_model_len and not baseline:
+        return Pruned(
+            cand,
+            RULE_NO_CHUNKED,
+            f"max_num_batched_tokens {mbt} < max_model_len {max_model_len} without chunked prefill",
+        )
+    if mbt < seqs and not baseline:
+        return Pruned(
+            cand,
+            RULE_INVALID,
+            f"max_num_batched_tokens {mbt} < max_num_seqs {seqs} (vLLM rejects it)",
+        )
+    cfg = ServingConfig(
+        max_model_len=max_model_len,
+        context_len=min(target.context_len, max_model_len),
+        quantization=variant.flag,
+        kv_cache_dtype=kv_dtype,
+        gpu_memory_utilization=cand.gpu_memory_utilization or ServingConfig.gpu_memory_utilization,
+        max_num_batched_tokens=mbt,
+        max_num_seqs=seqs,
+        block_size=cand.block_size or ServingConfig.block_size,
+        kv_cache_memory_bytes=target.kv_cache_memory_bytes,
+        tensor_parallel_size=tp,
+    )
+    try:
+        est = estimate(spec, gpu, cfg, ladder=())
+    except UnsupportedError as exc:
+        return Pruned(cand, RULE_UNSUPPORTED, str(exc))
+    except ParameterError as exc:
+        return Pruned(cand, RULE_INVALID, str(exc))
+    if not baseline and est.kv_capacity_tokens < max_model_len:
+        return Pruned(
+            cand,
+            RULE_NO_FIT,
+            f"KV capacity {est.kv_capacity_tokens} tokens < "
+            f"max_model_len {max_model_len} (pool "
+            f"{est.kv_pool_bytes / 2**30:.2f} GiB)",
+        )
+    feasible = est.max_concurrency
+    knee = est.roofline_knee_batch or 0.0
+    if not baseline and seqs > DOMINANCE_FACTOR * max(feasible, knee, 1.0):
+        return Pruned(
+            cand,
+            RULE_DOMINATED,
+            f"max_num_seqs {seqs} > {DOMINANCE_FACTOR:g} x "
+            f"max(KV-feasible {feasible:.0f}, knee {knee:.0f})",
+        )
+    cap = None
+    if not baseline and cand.max_num_seqs and seqs > feasible:
+        fitting = max(1, math.floor(feasible))
+        capped = cand.with_knob("max_num_seqs", fitting)
+        cap = Capped(
+            cand,
+            capped,
+            f"max_num_seqs {seqs} capped to {fitting} (KV holds "
+            f"{feasible:.1f} sequences of {target.context_len} tokens)",
+        )
+        cand, seqs = capped, fitting
+    batch = max(1, min(seqs, math.floor(feasible) if feasible >= 1 else 1))
+    point = estimate(spec, gpu, cfg, ladder=(batch,)).ladder[0]
+    return Planned(
+        cand,
+        point.tokens_per_s,
+        est.kv_capacity_tokens,
+        feasible,
+        est.roofline_knee_batch,
+        est.weight_bytes,
+    ), cap
