@@ -74,10 +74,20 @@ class Planned:
     max_concurrency: float
     roofline_knee_batch: float | None
     weight_bytes: int
+    origin: Candidate | None = None  # the uncapped candidate, when capping changed it
 
     @property
     def name(self) -> str:
         return self.candidate.name
+
+    def estimate_json(self) -> dict[str, float | int | None]:
+        return {
+            "predicted_tokens_per_s": self.predicted_tokens_per_s,
+            "kv_capacity_tokens": self.kv_capacity_tokens,
+            "max_concurrency": self.max_concurrency,
+            "roofline_knee_batch": self.roofline_knee_batch,
+            "weight_bytes": self.weight_bytes,
+        }
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,7 @@ def evaluate(
             f"max(KV-feasible {feasible:.0f}, knee {knee:.0f})",
         )
     cap = None
+    origin = cand
     if not baseline and cand.max_num_seqs and seqs > feasible:
         fitting = max(1, math.floor(feasible))
         capped = cand.with_knob("max_num_seqs", fitting)
@@ -275,4 +286,5 @@ def evaluate(
         feasible,
         est.roofline_knee_batch,
         est.weight_bytes,
+        origin,
     ), cap

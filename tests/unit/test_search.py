@@ -1,0 +1,130 @@
+"""The study loop with a fake runner: order, budget, resume, failures, finalists, noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuner.hardware import get_gpu
+from tuner.model import load_model
+from tuner.prune import Planned, Target, Variant, plan
+from tuner.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
+from tuner.search import Search, SearchSettings, TrialStore, make_sampler, queue_all
+from tuner.space import Space
+from tuner.study import finished_records, open_study, storage_url
+
+
+class FakeRunner:
+    """Objective = 100 x max_num_seqs (vLLM default 128 for the baseline); optional failures
+    and an optional interrupt after N trials (like Ctrl-C)."""
+
+    def __init__(self, fail: set[int] = frozenset(), interrupt_after: int | None = None,
+                 noise: float = 0.0) -> None:
+        self.fail, self.interrupt_after, self.noise = fail, interrupt_after, noise
+        self.measured: list[str] = []
+        self.remeasured: list[str] = []
+
+    def measure(self, number: int, planned: Planned, variant: Variant) -> TrialRecord:
+        if self.interrupt_after is not None and len(self.measured) >= self.interrupt_after:
+            raise KeyboardInterrupt
+        cand = planned.candidate
+        self.measured.append(planned.name)
+        seqs = cand.max_num_seqs or 128
+        if seqs in self.fail:
+            return TrialRecord(planned.name, cand.knobs(), STATE_FAILED, number=number,
+                               baseline=cand.is_baseline,
+                               failure={"class": "OOM", "message": "out of memory"})
+        value = 100.0 * seqs
+        return TrialRecord(planned.name, cand.knobs(), STATE_COMPLETE, objective=value,
+                           number=number, baseline=cand.is_baseline,
+                           best={"output_throughput": value, "p95_tpot_ms": seqs / 10})
+
+    def remeasure(self, record: TrialRecord, variant: Variant, repeats: int) -> list[float]:
+        self.remeasured.append(record.name)
+        return [(record.objective or 0) * (1 + self.noise * (i + 1)) for i in range(repeats)]
+
+
+def make(tmp_path: Path, seqs: tuple[int, ...], settings: SearchSettings,
+         runner: FakeRunner) -> Search:
+    spec = load_model("qwen2.5-0.5b")
+    target = Target(get_gpu("cpu"), {"none": Variant("none", spec.name, spec)},
+                    context_len=512, max_model_len=2048)
+    space = Space({"max_num_seqs": seqs})
+    p = plan(space, target)
+    sampler = make_sampler(settings, queue_all(p, settings))
+    study = open_study(storage_url(None, tmp_path / "study.db"), "s", ["maximize"], sampler)
+    return Search(study, p, space, target, runner, settings, TrialStore(tmp_path / "store"))
+
+
+def test_grid_runs_baseline_first_then_every_candidate(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    result = make(tmp_path, (2, 8, 32), SearchSettings(repeats=0), runner).run()
+    assert runner.measured[0] == "vllm-defaults"
+    assert sorted(runner.measured[1:]) == ["seqs2", "seqs32", "seqs8"]
+    assert result.best is not None and result.best.name == "vllm-defaults"  # 128 seqs wins
+    assert result.baseline is not None and result.baseline.baseline
+
+
+def test_budget_limits_measured_trials(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    make(tmp_path, (2, 4, 8, 16, 32), SearchSettings(budget=3, repeats=0), runner).run()
+    assert len(runner.measured) == 3
+
+
+def test_failed_trial_is_recorded_and_search_goes_on(tmp_path: Path) -> None:
+    runner = FakeRunner(fail={8})
+    result = make(tmp_path, (2, 8, 32), SearchSettings(repeats=0), runner).run()
+    assert result.records["seqs8"].state == STATE_FAILED
+    assert result.records["seqs8"].failure["class"] == "OOM"
+    assert len(runner.measured) == 4
+
+
+def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
+    first = FakeRunner(interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path, (2, 8, 32), SearchSettings(repeats=0), first).run()
+    assert len(first.measured) == 2
+    second = FakeRunner()
+    result = make(tmp_path, (2, 8, 32), SearchSettings(repeats=0), second).run()
+    assert not set(first.measured) & set(second.measured)
+    assert len(second.measured) == 2
+    assert set(result.records) == {"vllm-defaults", "seqs2", "seqs8", "seqs32"}
+
+
+def test_resume_from_trial_files_with_a_fresh_study(tmp_path: Path) -> None:
+    make(tmp_path, (2, 8), SearchSettings(repeats=0), FakeRunner()).run()
+    (tmp_path / "study.db").unlink()
+    again = FakeRunner()
+    make(tmp_path, (2, 8), SearchSettings(repeats=0), again).run()
+    assert again.measured == []
+
+
+def test_finalists_rerun_and_noise_verdict(tmp_path: Path) -> None:
+    runner = FakeRunner(noise=0.3)
+    search = make(tmp_path, (64, 96, 120), SearchSettings(finalists=3, repeats=2), runner)
+    result = search.run()
+    assert len(result.finalists) == 3 and len(runner.remeasured) == 3
+    assert all(len(f.samples) == 3 for f in result.finalists)
+    assert result.within_noise  # 30 % noise on values within 25 % of each other
+    assert result.best is not None and result.best.name == result.finalists[0].name
+    # Finalist samples are saved: a rerun does not measure them again.
+    runner2 = FakeRunner(noise=0.3)
+    make(tmp_path, (64, 96, 120), SearchSettings(finalists=3, repeats=2), runner2).run()
+    assert runner2.remeasured == [] and runner2.measured == []
+
+
+def test_clear_winner_is_not_within_noise(tmp_path: Path) -> None:
+    result = make(tmp_path, (2, 8), SearchSettings(finalists=2, repeats=2),
+                  FakeRunner(noise=0.001)).run()
+    assert not result.within_noise
+
+
+def test_tpe_sampled_search_skips_duplicates_and_records_in_study(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    settings = SearchSettings(budget=4, sampler="tpe", repeats=0)
+    search = make(tmp_path, (1, 2, 4, 8, 16, 32, 64), settings, runner)
+    result = search.run()
+    assert len(runner.measured) == 4 and len(set(runner.measured)) == 4
+    assert set(finished_records(search.study)) == set(runner.measured)
+    assert result.pareto  # every complete trial with a best point takes part
