@@ -1,0 +1,466 @@
+"""The report's PNG plots (matplotlib, Agg backend; nothing is shown on screen).
+
+Each ``plot_*`` function draws one figure from :class:`~tuner.report.TrialView` rows into a PNG
+and returns its path, or None when the record holds nothing to draw (no measured trial, no
+prediction, no KV series). Latency axes use the SLO's percentile for that metric when the SLO
+names one (a p99 target is drawn against p99), else p95.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from tuner.errors import SloError
+from tuner.record import pareto_front
+from tuner.report import TrialView
+
+DPI = 110
+OBJECTIVE_UNITS = {
+    "goodput": "goodput (requests/s meeting the SLO)",
+    "request_goodput": "goodput (requests/s meeting the SLO)",
+    "throughput": "output throughput (tokens/s)",
+    "output_throughput": "output throughput (tokens/s)",
+    "request_throughput": "request throughput (requests/s)",
+}
+BEST, BASELINE, OTHER, DIM = "#2ca02c", "#1f77b4", "#7f7f7f", "#c7c7c7"
+
+
+def slo_axes(slo: str | None) -> dict[str, tuple[str, float | None]]:
+    """metric -> (stat to plot, threshold in ms or None) for ttft and tpot."""
+    out: dict[str, tuple[str, float | None]] = {"ttft": ("p95", None), "tpot": ("p95", None)}
+    if not slo:
+        return out
+    from tuner.slo import parse_slo
+
+    try:
+        terms = parse_slo(slo).terms
+    except SloError:
+        return out
+    for term in terms:
+        if term.metric in out:
+            stat = "p50" if term.stat == "median" else term.stat
+            out[term.metric] = (stat, term.seconds * 1000.0)
+    return out
+
+
+MAX_LINES = 10
+
+
+def highlighted(views: Sequence[TrialView], limit: int) -> list[TrialView]:
+    """At most ``limit`` trials to draw in full: the best, the baseline, then the highest
+    objectives; in trial order."""
+    ranked = sorted(views, key=lambda v: (not v.is_best, not v.baseline,
+                                          -(v.objective if v.objective is not None else -1e300)))
+    keep = {id(v) for v in ranked[:limit]}
+    return [v for v in views if id(v) in keep]
+
+
+def _colors(views: Sequence[TrialView]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10" if len(views) <= 10 else "tab20")
+    return {v.name: cmap(i % cmap.N) for i, v in enumerate(views)}
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _marker(v: TrialView) -> tuple[str, float]:
+    if v.is_best:
+        return "*", 260.0
+    return ("s", 90.0) if v.baseline else ("o", 60.0)
+
+
+def _tick(value: float, _pos: Any = None) -> str:
+    return f"{value:g}"
+
+
+def _minor_tick(value: float, _pos: Any = None) -> str:
+    """Label the 2x and 5x minor ticks of a log axis (200, 500, 2000, ...)."""
+    lead = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+    return f"{value:g}" if round(lead, 6) in (2.0, 5.0) else ""
+
+
+def _point_xy(point: Mapping[str, Any], key: str) -> tuple[float | None, float | None]:
+    s = point.get("summary") or {}
+    x, y = s.get(key), s.get("output_throughput")
+    ok = isinstance(x, int | float) and isinstance(y, int | float)
+    return (float(x), float(y)) if ok else (None, None)
+
+
+def _load_label(point: Mapping[str, Any]) -> str:
+    load = point.get("load") or {}
+    if isinstance(load.get("rate"), int | float):
+        return f"{load['rate']:.3g}/s"
+    return f"c={load.get('concurrency')}" if load.get("concurrency") else "?"
+
+
+def plot_throughput_latency(record: Mapping[str, Any], views: Sequence[TrialView],
+                            path: Path) -> Path | None:
+    """Output throughput against TPOT and TTFT: each trial's load points as a line, its chosen
+    point as a big marker (star: best, square: baseline), the SLO as a dashed line."""
+    measured = [v for v in views if v.points]
+    if not measured:
+        return None
+    axes_spec = slo_axes(record.get("slo"))
+    shown = highlighted(measured, MAX_LINES)
+    others = [v for v in measured if v not in shown]
+    colors = _colors(shown)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    for ax, metric, title in ((axes[0], "tpot", "TPOT"), (axes[1], "ttft", "TTFT")):
+        stat, limit = axes_spec[metric]
+        key = f"{stat}_{metric}_ms"
+        rest = [(v.latency_ms.get(f"{stat}_{metric}"), v.output_throughput) for v in others]
+        rest = [(x, y) for x, y in rest if x is not None and y is not None]
+        if rest:
+            ax.scatter(*zip(*rest, strict=True), s=30, color=DIM, edgecolor=OTHER, zorder=2)
+        for v in shown:
+            pts = sorted((_point_xy(p, key) for p in v.points), key=lambda xy: xy[1] or 0)
+            pts = [(x, y) for x, y in pts if x is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "-", color=colors[v.name], alpha=0.45, lw=1.2)
+                ax.scatter(*zip(*pts, strict=True), s=14, color=colors[v.name], alpha=0.6)
+            x, y = v.latency_ms.get(f"{stat}_{metric}"), v.output_throughput
+            if x is not None and y is not None:
+                m, size = _marker(v)
+                ax.scatter([x], [y], marker=m, s=size, color=colors[v.name],
+                           edgecolor="black", linewidth=0.8, zorder=3)
+        if limit is not None:
+            ax.axvline(limit, color="#d62728", ls="--", lw=1.2)
+            ax.text(limit, 1.0, f" SLO {stat} < {limit:g} ms", color="#d62728", fontsize=9,
+                    va="top", ha="left", transform=ax.get_xaxis_transform())
+        xs = [x for v in measured for x, _ in (_point_xy(p, key) for p in v.points) if x]
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 10:
+            ax.set_xscale("log")  # TTFT explodes past capacity; keep the SLO region readable
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tick))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_tick))
+        ax.set_xlabel(f"{stat} {title} (ms{', log scale' if ax.get_xscale() == 'log' else ''})")
+        ax.set_title(f"Output throughput vs {stat} {title}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("output throughput (tokens/s)")
+    axes[0].set_ylim(bottom=0)
+    handles = [plt.Line2D([], [], color=colors[v.name], marker=_marker(v)[0], ls="-",
+                          markersize=9 if v.is_best else 6,
+                          label=v.label + (" (best)" if v.is_best else "")
+                          + (" (baseline)" if v.baseline else "")) for v in shown]
+    if others:
+        handles.append(plt.Line2D([], [], color=DIM, marker="o", ls="", markeredgecolor=OTHER,
+                                  label=f"{len(others)} other trials (chosen point only)"))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(3, len(handles)), fontsize=9, frameon=False)
+    fig.suptitle("Each line: one trial's measured load points; big marker: its chosen point",
+                 fontsize=10, y=0.995)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_pareto(record: Mapping[str, Any], views: Sequence[TrialView], path: Path) -> Path | None:
+    """Chosen points in the (TPOT, throughput) plane; the Pareto front joined and named."""
+    stat, limit = slo_axes(record.get("slo"))["tpot"]
+    key = f"{stat}_tpot"
+    pts = [(v, v.latency_ms.get(key), v.output_throughput) for v in views]
+    pts = [(v, x, y) for v, x, y in pts if x is not None and y is not None]
+    if not pts:
+        return None
+    names = record.get("pareto_front")
+    if not isinstance(names, list) or not names:
+        names = pareto_front([(v.name, y, x) for v, x, y in pts])
+    on_front = set(names)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    front = sorted(((x, y, v) for v, x, y in pts if v.name in on_front), key=lambda t: t[0])
+    rest = [(x, y, v) for v, x, y in pts if v.name not in on_front]
+    if rest:
+        ax.scatter([r[0] for r in rest], [r[1] for r in rest], color=DIM, s=50,
+                   edgecolor=OTHER, label="dominated")
+    if front:
+        ax.step([f[0] for f in front], [f[1] for f in front], where="post", color=BEST,
+                lw=1.5, alpha=0.7)
+        ax.scatter([f[0] for f in front], [f[1] for f in front], color=BEST, s=70,
+                   edgecolor="black", zorder=3, label="Pareto front")
+    crowded = len(front) > 8  # names would overlap: short tags, the table has the names
+    for x, y, v in front + (rest if len(pts) <= 20 else []):
+        text = v.label if v.name in on_front and not crowded else v.tag
+        if v.is_best:
+            text += " (best)"
+        ax.annotate(text, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8,
+                    color="black" if v.name in on_front else OTHER)
+    if limit is not None:
+        ax.axvline(limit, color="#d62728", ls="--", lw=1.2, label=f"SLO {stat} TPOT < {limit:g} ms")
+    ax.set_xlabel(f"{stat} TPOT (ms) at the chosen point — lower is better")
+    ax.set_ylabel("output throughput (tokens/s) — higher is better")
+    ax.set_title("Pareto front: no other trial is both faster and higher-throughput")
+    ax.set_ylim(bottom=0)
+    ax.margins(x=0.15)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_pruning(record: Mapping[str, Any], views: Sequence[TrialView], path: Path) -> Path | None:
+    """Where the candidates went: pruned by each rule, capped, measured (complete / failed),
+    and left unsampled by the budget; beside it the space's two main knobs."""
+    plan = record.get("plan") or {}
+    counts = dict(plan.get("counts_by_rule") or {})
+    pruned = plan.get("pruned") or []
+    if not counts and pruned:
+        for p in pruned:
+            counts[p.get("rule", "?")] = counts.get(p.get("rule", "?"), 0) + 1
+    cands = plan.get("candidates")
+    n_cands = len(cands) if isinstance(cands, list) else cands
+    launched = [v for v in views if v.state in ("complete", "failed")]
+    bars: list[tuple[str, float, str]] = [
+        (f"pruned: {rule}", n, "#ff7f0e") for rule, n in sorted(counts.items(), key=lambda t: -t[1])
+    ]
+    if plan.get("capped"):
+        bars.append(("capped (kept, max_num_seqs lowered)", len(plan["capped"]), "#bcbd22"))
+    sampled_pruned = sum(v.state == "pruned" for v in views)
+    if sampled_pruned:
+        bars.append(("sampled, then pruned", sampled_pruned, "#ffbb78"))
+    bars.append(("measured: complete", sum(v.state == "complete" for v in views), BEST))
+    bars.append(("measured: failed", sum(v.state == "failed" for v in views), "#d62728"))
+    if isinstance(n_cands, int):
+        bars.append(("kept, not measured (budget)", max(0, n_cands - len(launched)), DIM))
+    if not any(n for _, n, _ in bars):
+        return None
+    knob_pts = _knob_scatter_data(pruned, views)
+    ncols = 2 if knob_pts else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, 5.5), squeeze=False)
+    ax = axes[0][0]
+    labels, values, cols = zip(*reversed(bars), strict=True)
+    ax.barh(labels, values, color=cols)
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlim(0, max(values) * 3)
+    for i, val in enumerate(values):
+        ax.text(val, i, f" {val:g}", va="center", fontsize=9)
+    ax.set_xlabel("candidates (log scale past 10)")
+    total = plan.get("space_size")
+    ax.set_title("Candidates: pruned vs measured" + (f" (space: {total})" if total else ""))
+    if knob_pts:
+        _draw_knob_scatter(axes[0][1], *knob_pts)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _knob_scatter_data(pruned: Sequence[Mapping[str, Any]], views: Sequence[TrialView]) -> Any:
+    """(x knob, y knob, [(x, y, kind, label)]) over the two numeric knobs seen most, or None."""
+    seen: dict[str, int] = {}
+    for knobs in [p.get("knobs") or {} for p in pruned] + [v.knobs for v in views]:
+        for k, val in knobs.items():
+            if isinstance(val, int | float) and not isinstance(val, bool):
+                seen[k] = seen.get(k, 0) + 1
+    if len(seen) < 2:
+        return None
+    kx, ky = sorted(seen, key=lambda k: (-seen[k], k))[:2]
+    pts = []
+    for p in pruned:
+        kn = p.get("knobs") or {}
+        if kx in kn and ky in kn:
+            pts.append((kn[kx], kn[ky], "plan", p.get("rule", "?")))
+    for v in views:
+        if kx in v.knobs and ky in v.knobs:
+            pts.append((v.knobs[kx], v.knobs[ky], v.state, v.tag))
+    return (kx, ky, pts) if pts else None
+
+
+def _draw_knob_scatter(ax: Any, kx: str, ky: str, pts: list[tuple[Any, Any, str, str]]) -> None:
+    rules = sorted({lab for _, _, kind, lab in pts if kind == "plan"})
+    rule_colors = {r: plt.get_cmap("Dark2")(i) for i, r in enumerate(rules)}
+    for r in rules:
+        xs = [x for x, _, k, lab in pts if k == "plan" and lab == r]
+        ys = [y for _, y, k, lab in pts if k == "plan" and lab == r]
+        ax.scatter(xs, ys, marker="x", s=60, color=rule_colors[r], label=f"pruned: {r}")
+    for state, color, marker in (("complete", BEST, "o"), ("failed", "#d62728", "X"),
+                                 ("pruned", "#ffbb78", "v")):  # sampled, then pruned
+        sel = [(x, y, lab) for x, y, k, lab in pts if k == state]
+        if sel:
+            ax.scatter([s[0] for s in sel], [s[1] for s in sel], marker=marker, s=90,
+                       color=color, edgecolor="black", label=f"trial: {state}", zorder=3)
+            for x, y, lab in sel:
+                ax.annotate(lab, (x, y), xytext=(6, 5), textcoords="offset points", fontsize=8)
+    for axis, knob in ((ax.xaxis, kx), (ax.yaxis, ky)):
+        values = [p[0] if axis is ax.xaxis else p[1] for p in pts]
+        if min(values) > 0 and max(values) / min(values) >= 8:
+            (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log", base=2)
+            axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_label_text(knob.replace("_", "-"))
+    ax.set_title("Knob space: trials and pruned candidates (other knobs overlap)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def plot_estimate_error(record: Mapping[str, Any], views: Sequence[TrialView],
+                        path: Path) -> Path | None:
+    """The estimator's predicted decode throughput against the highest measured one."""
+    pts = [(v, v.predicted_tps, v.measured_max_tps) for v in views
+           if v.predicted_tps and v.measured_max_tps]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+    lo, hi = min(xs + ys) * 0.8, max(xs + ys) * 1.2
+    log = hi / lo > 20
+    grid = [lo, hi]
+    ax.plot(grid, grid, color="black", lw=1, label="measured = predicted")
+    ax.fill_between(grid, [g * 0.75 for g in grid], [g * 1.25 for g in grid], color=DIM,
+                    alpha=0.35, label="±25 %")
+    shown = {v.name for v in highlighted([p[0] for p in pts], MAX_LINES)}
+    colors = _colors([p[0] for p in pts if p[0].name in shown])
+    for v, x, y in pts:
+        m, size = _marker(v)
+        color = colors.get(v.name, DIM)
+        ax.scatter([x], [y], marker=m, s=size, color=color, edgecolor="black",
+                   zorder=4 if v.name in shown else 3)
+        if v.name in shown:  # the rest stay unlabelled: labels would pile up
+            ax.annotate(v.tag, (x, y), xytext=(6, -10), textcoords="offset points",
+                        fontsize=8)
+    ratios = sorted(y / x for _, x, y in pts)
+    median = ratios[len(ratios) // 2] if len(ratios) % 2 else math.sqrt(
+        ratios[len(ratios) // 2 - 1] * ratios[len(ratios) // 2])
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal")
+    ax.set_xlabel("predicted decode throughput (tokens/s, estimator)")
+    ax.set_ylabel("measured output throughput (tokens/s, highest load point)")
+    ax.set_title(f"Estimator error: measured / predicted, median ×{median:.2f} "
+                 f"(range ×{ratios[0]:.2f}–×{ratios[-1]:.2f})", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=9, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_kv_usage(record: Mapping[str, Any], views: Sequence[TrialView], path: Path,
+                  max_panels: int = 12) -> Path | None:
+    """vLLM's KV-cache usage over each trial (one panel per trial, its load points in turn,
+    shaded and labelled with their rate), with requests running and waiting beneath."""
+    series = []
+    for v in views:
+        segs = [(p, (p.get("server") or {}).get("series") or []) for p in v.points]
+        segs = [(p, s) for p, s in segs if s]
+        if segs:
+            series.append((v, segs))
+    if not series:
+        return None
+    # the best and the baseline first, then the rest in trial order
+    series.sort(key=lambda vs: (not vs[0].is_best, not vs[0].baseline, vs[0].number or 0))
+    dropped = len(series) - max_panels
+    series = sorted(series[:max_panels], key=lambda vs: vs[0].number or 0)
+    cols = 2 if len(series) > 1 else 1
+    rows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 2.9 * rows), squeeze=False,
+                             sharey=True)
+    for ax, (v, segs) in zip(axes.flat, series, strict=False):
+        offset = 0.0
+        twin = ax.twinx()
+        for i, (point, s) in enumerate(segs):
+            t = [offset + (row[0] - s[0][0]) for row in s]
+            kv = [100 * row[1] if row[1] is not None else math.nan for row in s]
+            run = [row[2] if len(row) > 2 and row[2] is not None else math.nan for row in s]
+            wait = [row[3] if len(row) > 3 and row[3] is not None else math.nan for row in s]
+            if i % 2:
+                ax.axvspan(t[0], t[-1], color="#f0f0f0", zorder=0)
+            ax.plot(t, kv, color=BASELINE, lw=1.6)
+            twin.plot(t, run, color="#ff7f0e", lw=0.9, alpha=0.8)
+            twin.plot(t, wait, color="#9467bd", lw=0.9, ls=":")
+            ax.text((t[0] + t[-1]) / 2, 1.01, _load_label(point), ha="center", va="bottom",
+                    fontsize=7, color="#555", transform=ax.get_xaxis_transform())
+            offset = t[-1] + 1.0
+        ax.set_ylim(0, 105)
+        ax.set_yticks([0, 25, 50, 75, 100])
+        ax.set_title(v.label + (" (best)" if v.is_best else "") +
+                     (" (baseline)" if v.baseline else ""), fontsize=9, pad=14)
+        ax.set_ylabel("KV usage (%)")
+        twin.set_ylabel("requests", fontsize=8)
+        twin.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("time in trial (s); bands: load points (req/s or c=concurrency above)")
+    handles = [plt.Line2D([], [], color=BASELINE, lw=1.6),
+               plt.Line2D([], [], color="#ff7f0e", lw=1),
+               plt.Line2D([], [], color="#9467bd", lw=1, ls=":")]
+    labels = ["KV-cache usage (left axis)", "requests running (right axis)",
+              "requests waiting (right axis)"]
+    fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=9, frameon=False,
+               bbox_to_anchor=(0.5, 1.0))
+    note = f" ({dropped} more trials not shown)" if dropped > 0 else ""
+    fig.suptitle("vLLM KV-cache usage during each trial" + note, y=1.03)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_objective(record: Mapping[str, Any], views: Sequence[TrialView],
+                   path: Path) -> Path | None:
+    """The objective of each trial in order, failed and pruned trials marked, best so far."""
+    if not views:
+        return None
+    fig, ax = plt.subplots(figsize=(min(16, max(7, 0.55 * len(views) + 3)), 4.5))
+    xs = list(range(len(views)))
+    vals = [v.objective if v.state == "complete" and v.objective is not None else 0.0
+            for v in views]
+    colors = [BEST if v.is_best else BASELINE if v.baseline else
+              "#d62728" if v.state == "failed" else DIM if v.state == "pruned" else OTHER
+              for v in views]
+    ax.bar(xs, vals, color=colors)
+    top = max(vals) if any(vals) else 1.0
+    for x, v in zip(xs, views, strict=True):
+        if v.state != "complete":
+            failed = v.state == "failed"
+            tag = f"failed: {v.failure_class}" if failed and v.failure_class else v.state
+            ax.text(x, top * 0.02, tag, rotation=90, ha="center", va="bottom", fontsize=9,
+                    color="#d62728" if failed else OTHER, fontweight="bold" if failed else None)
+    running, best_so_far = None, []
+    for val, v in zip(vals, views, strict=True):
+        if v.state == "complete":
+            running = val if running is None else max(running, val)
+        best_so_far.append(running if running is not None else math.nan)
+    ax.step(xs, best_so_far, where="mid", color="black", lw=1, ls="--", label="best so far")
+    ax.set_xticks(xs, [v.tag for v in views], rotation=90 if len(views) > 30 else 0)
+    ax.set_xlabel("trial")
+    objective = str(record.get("objective") or "objective")
+    ax.set_ylabel(OBJECTIVE_UNITS.get(objective, objective))
+    ax.set_title("Objective per trial (green: best, blue: baseline, red: failed, light grey: "
+                 "pruned)", fontsize=10)
+    ax.set_ylim(0, top * 1.15)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=9, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+PLOTS = (
+    ("Output throughput vs TPOT and TTFT per trial", "throughput_latency.png",
+     plot_throughput_latency),
+    ("Pareto front", "pareto.png", plot_pareto),
+    ("Pruned vs measured candidates", "pruning.png", plot_pruning),
+    ("Predicted vs measured throughput (estimator error)", "estimate_error.png",
+     plot_estimate_error),
+    ("KV-cache usage over each trial", "kv_usage.png", plot_kv_usage),
+    ("Objective per trial", "objective.png", plot_objective),
+)
+
+
+def render_all(record: Mapping[str, Any], views: Sequence[TrialView],
+               out_dir: Path) -> dict[str, Path]:
+    """Draw every plot that has data; title -> PNG path, in the report's order."""
+    out = {}
+    for title, filename, fn in PLOTS:
+        made = fn(record, views, Path(out_dir) / filename)
+        if made is not None:
+            out[title] = made
+    return out
