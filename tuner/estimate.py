@@ -30,7 +30,8 @@ GiB = 2**30
 # model and leaves the NUMA node's memory to everything else.
 CPU_DEFAULT_KV_CACHE_BYTES = GiB
 VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # vllm/config/cache.py, vLLM 0.32
-VLLM_DEFAULT_BLOCK_SIZE = 16
+VLLM_DEFAULT_BLOCK_SIZE = 16  # CacheConfig.DEFAULT_BLOCK_SIZE on CUDA
+VLLM_CPU_BLOCK_SIZE = 128  # vllm/platforms/cpu.py: the CPU backend prefers 128
 KV_DTYPE_BYTES = {
     "auto": HALF,
     "bfloat16": 2,
@@ -80,7 +81,7 @@ class ServingConfig:
     gpu_memory_utilization: float = VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
-    block_size: int = VLLM_DEFAULT_BLOCK_SIZE
+    block_size: int | None = None  # None: the platform default (16 on GPU, 128 on CPU)
     kv_cache_memory_bytes: int | None = None
     tensor_parallel_size: int = 1
 
@@ -278,6 +279,13 @@ def check_config(model: ModelSpec, gpu: GpuSpec, cfg: ServingConfig) -> None:
         )
 
 
+def default_block_size(gpu: GpuSpec, model: ModelSpec) -> int:
+    """vLLM's block size when unset: 128 on CPU (MLA forces 16 there), 16 on GPU."""
+    if gpu.is_cpu and model.attention != "mla":
+        return VLLM_CPU_BLOCK_SIZE
+    return VLLM_DEFAULT_BLOCK_SIZE
+
+
 def default_batch_limits(gpu: GpuSpec, tp: int) -> tuple[int, int]:
     """vLLM 0.32's defaults for the API server: (max_num_batched_tokens, max_num_seqs),
     from vllm/engine/arg_utils.py get_batch_defaults."""
@@ -316,7 +324,7 @@ def estimate(
         if cfg.kv_cache_dtype == "auto"
         else KV_DTYPE_BYTES[cfg.kv_cache_dtype]
     )
-    bs = cfg.block_size
+    bs = cfg.block_size or default_block_size(gpu, model)
 
     weights = _served_weight_bytes(model, scheme)
     per_token = kv_bytes_per_token(model, kv_b, tp)

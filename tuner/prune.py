@@ -238,7 +238,7 @@ def evaluate(
         gpu_memory_utilization=cand.gpu_memory_utilization or ServingConfig.gpu_memory_utilization,
         max_num_batched_tokens=mbt,
         max_num_seqs=seqs,
-        block_size=cand.block_size or ServingConfig.block_size,
+        block_size=cand.block_size,
         kv_cache_memory_bytes=target.kv_cache_memory_bytes,
         tensor_parallel_size=tp,
     )

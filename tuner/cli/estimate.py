@@ -41,7 +41,12 @@ from tuner.cli.common import bytes_option, fraction_option, positive_int
 )
 @click.option("--max-num-batched-tokens", type=int, callback=positive_int)
 @click.option("--max-num-seqs", type=int, callback=positive_int)
-@click.option("--block-size", type=int, default=16, show_default=True, callback=positive_int)
+@click.option(
+    "--block-size",
+    type=int,
+    callback=positive_int,
+    help="KV block size (default: vLLM's, 16 on GPU, 128 on CPU).",
+)
 @click.option(
     "--kv-cache-memory-bytes",
     callback=bytes_option,
@@ -63,7 +68,7 @@ def estimate(
     gpu_memory_utilization: float,
     max_num_batched_tokens: int | None,
     max_num_seqs: int | None,
-    block_size: int,
+    block_size: int | None,
     kv_cache_memory_bytes: int | None,
     tensor_parallel_size: int,
     explain: bool,
