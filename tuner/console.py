@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -79,3 +81,122 @@ def print_estimate(est: Estimate, *, explain: bool = False, console: Console | N
 
 def _knee(value: float | None) -> str:
     return "none (memory-bound at every batch)" if value is None else f"{value:,.1f}"
+
+
+def print_plan(prep: Any, *, verbose: bool = False, console: Console | None = None) -> None:
+    """The search plan: survivors in trial order, pruned counts by rule, estimated time."""
+    out = console or Console()
+    plan = prep.plan
+    out.print(
+        f"[bold]Plan[/] for {prep.model.name} on {prep.gpu.name}: space of "
+        f"{plan.space_size} combinations -> {len(plan.all())} to measure "
+        f"(baseline included), {len(plan.pruned)} pruned, {len(plan.capped)} capped; "
+        f"study {prep.study_name}"
+    )
+    if prep.slo is not None:
+        out.print(f"SLO: {prep.slo}; objective: {prep.config.settings.objective}")
+    counts = plan.counts_by_rule()
+    if counts:
+        out.print(
+            "Pruned by rule: "
+            + ", ".join(f"{rule} {n}" for rule, n in sorted(counts.items(), key=lambda x: -x[1]))
+        )
+    table = Table(title="Trial order (analytically best first)", title_justify="left")
+    for col in ("#", "candidate", "predicted tok/s", "KV-feasible seqs", "knee"):
+        table.add_column(col, justify="right" if col != "candidate" else "left")
+    rows = plan.all() if verbose else plan.all()[:12]
+    for i, p in enumerate(rows):
+        knee = "-" if p.roofline_knee_batch is None else f"{p.roofline_knee_batch:,.0f}"
+        table.add_row(
+            str(i), p.name, f"{p.predicted_tokens_per_s:,.0f}", f"{p.max_concurrency:,.1f}", knee
+        )
+    out.print(table)
+    if len(rows) < len(plan.all()):
+        out.print(f"... and {len(plan.all()) - len(rows)} more (--dry-run lists all)")
+    if verbose:
+        for pr in plan.pruned[:50]:
+            out.print(f"  pruned [{pr.rule}] {pr.candidate.name}: {pr.reason}", highlight=False)
+        for cap in plan.capped[:50]:
+            out.print(
+                f"  capped {cap.original.name} -> {cap.capped.name}: {cap.reason}", highlight=False
+            )
+    minutes = prep.estimated_seconds() / 60
+    out.print(f"Estimated time: up to {minutes:,.0f} min; profile -> {prep.yaml_path}")
+
+
+def print_search_result(outcome: Any, console: Console | None = None) -> None:
+    """The final screen: every trial, the chosen profile, the measured gain over defaults."""
+    out = console or Console()
+    result, record = outcome.result, outcome.record
+    objective = record["objective"]
+    table = Table(title="Trials", title_justify="left")
+    for col in (
+        "#",
+        "candidate",
+        "state",
+        objective,
+        "rate req/s",
+        "p95 TTFT ms",
+        "p95 TPOT ms",
+        "peak KV %",
+    ):
+        table.add_column(col, justify="left" if col in ("candidate", "state") else "right")
+    for trial in record["trials"]:
+        best = trial.get("best") or {}
+        kv = _peak_kv(trial)
+        state = (
+            trial["state"]
+            if not trial.get("failure")
+            else (f"{trial['state']}: {trial['failure'].get('class', '')}")
+        )
+        marker = " *" if trial["name"] == record.get("best") else ""
+        table.add_row(
+            "-" if trial.get("number") is None else str(trial["number"]),
+            trial["name"] + marker,
+            state,
+            _num(trial.get("objective")),
+            _num(best.get("rate")) if best else "-",
+            _num(best.get("p95_ttft_ms")),
+            _num(best.get("p95_tpot_ms")),
+            "-" if kv is None else f"{kv * 100:.0f}",
+        )
+    out.print(table)
+    for fin in record.get("finalists", []):
+        out.print(
+            f"  finalist {fin['name']}: mean {_num(fin['mean'])} "
+            f"[{_num(fin['ci_low'])}, {_num(fin['ci_high'])}] over {len(fin['samples'])}"
+        )
+    if result.within_noise:
+        out.print(
+            "[yellow]The best two finalists are within measurement noise: either is a "
+            "sound choice.[/]"
+        )
+    gain = record.get("gain") or {}
+    if outcome.yaml_path is None:
+        out.print("[bold red]No configuration met the SLO.[/]")
+        return
+    out.print(f"[bold green]Chosen:[/] {record['best']}  ->  {outcome.yaml_path}")
+    if gain.get("ratio"):
+        out.print(
+            f"Measured gain over vLLM defaults: x{gain['ratio']:.2f} "
+            f"({objective} {_num(gain['baseline'])} -> {_num(gain['best'])})"
+        )
+    elif record.get("baseline"):
+        out.print("vLLM defaults did not meet the SLO (or failed): gain not defined.")
+
+
+def _peak_kv(trial: dict[str, Any]) -> float | None:
+    peaks = [
+        ((p.get("server") or {}).get("peak_kv_cache_usage"))
+        for p in ((trial.get("rate_search") or {}).get("points") or [])
+    ]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)

@@ -129,7 +129,7 @@ def default_space(target: Target, *, shared_prefix: bool = False) -> Space:
     variants = tuple(target.variants)
     if gpu.is_cpu:
         # vLLM CPU: a small ladder keeps each demo/CI search to a few launches.
-        return Space({"max_num_seqs": (2, 8, 32), "quantization": variants})
+        return Space({"max_num_seqs": (16, 64, 256), "quantization": variants})
     values: dict[str, tuple] = {
         "max_num_seqs": (16, 32, 64, 128, 256, 512, 1024),
         "max_num_batched_tokens": (2048, 4096, 8192, 16384),

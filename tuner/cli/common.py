@@ -103,3 +103,31 @@ def fraction_option(
     if value is not None and not (0.0 < value <= 1.0):
         raise click.BadParameter(f"must be in (0, 1], got {value}")
     return value
+
+
+def parse_scalar(text: str) -> Any:
+    """A command-line value as YAML would read it: true/false, ints, floats, else the string."""
+    low = text.strip().lower()
+    if low in ("true", "on", "yes"):
+        return True
+    if low in ("false", "off", "no"):
+        return False
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def engine_args_option(ctx: click.Context, param: click.Parameter, pairs: tuple[str, ...]
+                       ) -> dict[str, Any]:
+    """click callback for repeatable ``--engine-arg KEY=VALUE``: a bare KEY is a flag (True);
+    values are typed (``enforce_eager=true`` -> True, ``max_num_seqs=8`` -> 8)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}")
+        out[key.strip()] = parse_scalar(value) if sep else True
+    return out

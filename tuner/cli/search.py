@@ -1,0 +1,264 @@
+"""``vtune search``: prune with the bounds, run trials on real vLLM, pick under the SLO, write
+the profile. Parses options, calls :mod:`tuner.tune`, prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tuner.cli.common import bytes_option, engine_args_option, positive_int
+
+
+def _key_value(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        out.append((key.strip(), value.strip()))
+    return tuple(out)
+
+
+def _positive_float(
+    ctx: click.Context, param: click.Parameter, value: float | None
+) -> float | None:
+    if value is not None and not value > 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+def _non_negative(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise click.BadParameter(f"must be >= 0, got {value}")
+    return value
+
+
+def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
+    from tuner.errors import ParameterError
+    from tuner.workload import LengthRange
+
+    try:
+        return LengthRange.parse(value)
+    except ParameterError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command()
+@click.option("--model", required=True, help="HF id, local directory or bundled card.")
+@click.option("--gpu", "gpu_name", required=True, help="GPU from the registry, or cpu.")
+@click.option("--slo", default=None, help='e.g. "ttft:p95<500ms;tpot:p95<50ms".')
+@click.option(
+    "--objective",
+    type=click.Choice(["throughput", "goodput", "latency"]),
+    default="throughput",
+    show_default=True,
+)
+@click.option(
+    "--rate",
+    "latency_rate",
+    type=float,
+    callback=_positive_float,
+    help="With --objective latency: the request rate to measure latency at.",
+)
+@click.option(
+    "--budget",
+    type=int,
+    callback=positive_int,
+    help="Measured trials at most (the vLLM-defaults baseline included).",
+)
+@click.option(
+    "--time-budget", type=float, callback=_positive_float, help="Seconds for the trial phase."
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=V1,V2",
+    help="Values to try for a vLLM knob, e.g. max_num_seqs=16,64,256 (repeatable).",
+)
+@click.option(
+    "--space",
+    "space_file",
+    type=click.Path(path_type=Path),
+    help="YAML file: knob -> list of values.",
+)
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    metavar="NAME=PATH",
+    callback=_key_value,
+    help="A pre-quantized checkpoint to try, e.g. awq=/models/llama-awq.",
+)
+@click.option(
+    "--engine-arg",
+    "engine_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=engine_args_option,
+    help="A vLLM setting fixed for every trial, e.g. enforce_eager (repeatable).",
+)
+@click.option(
+    "--input-len",
+    default="256",
+    show_default=True,
+    callback=_length,
+    help="Prompt tokens: N or LOW:HIGH.",
+)
+@click.option(
+    "--output-len",
+    default="128",
+    show_default=True,
+    callback=_length,
+    help="Output tokens: N or LOW:HIGH.",
+)
+@click.option("--dataset", type=click.Path(path_type=Path), help="ShareGPT-format JSON file.")
+@click.option(
+    "--prefix-len",
+    type=int,
+    default=0,
+    callback=_non_negative,
+    help="Tokens of shared prefix per prompt.",
+)
+@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions")
+@click.option("--max-model-len", type=int, callback=positive_int)
+@click.option(
+    "--kv-cache-memory-bytes", callback=bytes_option, help="Fix the KV pool (default on cpu: 1GiB)."
+)
+@click.option("--finalists", type=int, default=3, show_default=True, callback=_non_negative)
+@click.option(
+    "--repeats",
+    type=int,
+    default=2,
+    show_default=True,
+    callback=_non_negative,
+    help="Re-runs of each finalist (0: no noise check).",
+)
+@click.option(
+    "--sampler",
+    type=click.Choice(["auto", "grid", "tpe", "nsga2"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--pareto", is_flag=True, help="Also optimise p95 TPOT (throughput vs latency).")
+@click.option(
+    "--seconds-per-point",
+    type=float,
+    default=10.0,
+    show_default=True,
+    callback=_positive_float,
+    help="Load duration of each measured rate.",
+)
+@click.option(
+    "--iterations",
+    type=int,
+    default=3,
+    show_default=True,
+    callback=_non_negative,
+    help="Bisection steps of the rate search.",
+)
+@click.option(
+    "--storage",
+    default=None,
+    help="Optuna storage URL or SQLite path (default: SQLite beside the profile).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Profiles root (default ./profiles).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the plan; launch nothing.")
+@click.option(
+    "--startup-timeout", type=float, default=600.0, show_default=True, callback=_positive_float
+)
+@click.option("--vllm-python", default=None, help="Python that has vLLM (default: this one).")
+@click.option("--metrics-port", type=int, default=None, help="Serve vtune's /metrics here.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option("--pushgateway", default=None, help="Push metrics after each trial to this URL.")
+def search(**o: Any) -> None:
+    """Search vLLM settings for the best throughput under an SLO and write the profile."""
+    from tuner import tune
+    from tuner.console import print_plan, print_search_result
+    from tuner.exporter import SearchExporter, exporting
+    from tuner.progress import SearchProgress
+
+    prep = tune.prepare(_config(o))
+    for line in prep.warnings:
+        click.echo(f"vtune: warning: {line}", err=True)
+    print_plan(prep, verbose=o["dry_run"])
+    if o["dry_run"]:
+        return
+    info = {
+        "model": prep.model.name,
+        "gpu": prep.gpu.name,
+        "objective": prep.config.settings.objective,
+        "slo": str(prep.slo or ""),
+    }
+    with exporting(
+        SearchExporter,
+        o["metrics_port"],
+        o["metrics_host"],
+        o["pushgateway"],
+        grouping={"study": prep.study_name},
+        info=info,
+    ) as exporter:
+        from tuner.events import Fanout
+
+        with SearchProgress() as progress:
+            outcome = tune.run_search(prep, Fanout([progress, exporter]))
+    print_search_result(outcome)
+    tune.ensure_feasible(outcome)
+
+
+def _config(o: dict[str, Any]) -> Any:
+    from tuner.bench import WorkloadSpec
+    from tuner.engine import LaunchConfig
+    from tuner.search import SearchSettings
+    from tuner.tune import TuneConfig
+
+    settings = SearchSettings(
+        objective=o["objective"],
+        budget=o["budget"],
+        time_budget_s=o["time_budget"],
+        finalists=o["finalists"],
+        repeats=o["repeats"],
+        sampler=o["sampler"],
+        pareto=o["pareto"],
+        seed=o["seed"],
+    )
+    workload = WorkloadSpec(
+        input_len=o["input_len"],
+        output_len=o["output_len"],
+        dataset=o["dataset"],
+        prefix_len=o["prefix_len"],
+        seed=o["seed"],
+    )
+    launch_kwargs: dict[str, Any] = {"startup_timeout_s": o["startup_timeout"]}
+    if o["vllm_python"]:
+        launch_kwargs["python"] = o["vllm_python"]
+    return TuneConfig(
+        model=o["model"],
+        gpu=o["gpu_name"],
+        workload=workload,
+        settings=settings,
+        slo=o["slo"],
+        params=o["params"],
+        space_file=o["space_file"],
+        max_model_len=o["max_model_len"],
+        kv_cache_memory_bytes=o["kv_cache_memory_bytes"],
+        engine_args=o["engine_args"],
+        variants=o["variants"],
+        storage=o["storage"],
+        out=o["out"],
+        endpoint=o["endpoint"],
+        seconds_per_point=o["seconds_per_point"],
+        iterations=o["iterations"],
+        latency_rate=o["latency_rate"],
+        launch=LaunchConfig(**launch_kwargs),
+    )
