@@ -16,10 +16,11 @@ from typing import Any
 
 from tuner import __version__
 from tuner.bench import WorkloadSpec
+from tuner.detect import check_gpu_choice, detect_gpus
 from tuner.engine import LaunchConfig
 from tuner.errors import ParameterError, VtuneError
 from tuner.estimate import CPU_DEFAULT_KV_CACHE_BYTES
-from tuner.hardware import GpuSpec, check_gpu_choice, detect_gpus, get_gpu
+from tuner.hardware import GpuSpec, get_gpu
 from tuner.model import ModelSpec, load_model
 from tuner.profile import profile_paths, slug, write_profile
 from tuner.prune import Plan, Target, Variant, default_space, plan

@@ -10,9 +10,10 @@ from importlib import resources
 
 import pytest
 
-from tuner import hardware
+from tuner import detect, hardware
+from tuner.detect import DetectedGpu, check_gpu_choice, match_detected
 from tuner.errors import ParameterError, UnknownGpuError, UnsupportedError, VtuneError
-from tuner.hardware import DetectedGpu, GpuSpec, check_gpu_choice, get_gpu, match_detected
+from tuner.hardware import GpuSpec, get_gpu
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -252,7 +253,7 @@ def test_detect_parses_nvidia_smi_through_the_runner_seam():
         calls.append((list(argv), timeout))
         return SMI_OUTPUT
 
-    found = hardware.detect_gpus(run_smi=fake, use_nvml=False)
+    found = detect.detect_gpus(run_smi=fake, use_nvml=False)
     assert calls == [
         (
             ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
@@ -278,12 +279,12 @@ def test_detect_never_raises(error):
     def failing(argv, timeout):
         raise error
 
-    assert hardware.detect_gpus(run_smi=failing, use_nvml=False) == []
+    assert detect.detect_gpus(run_smi=failing, use_nvml=False) == []
 
 
 def test_parse_nvidia_smi_skips_bad_lines():
     text = "garbage\n\n0, NVIDIA L4, 23034\n1, NVIDIA GB10, [N/A]\nx, y, z\n"
-    assert hardware.parse_nvidia_smi(text) == [
+    assert detect.parse_nvidia_smi(text) == [
         DetectedGpu(0, "NVIDIA L4", 23034 * MIB),
         DetectedGpu(1, "NVIDIA GB10", 0),
     ]
@@ -314,7 +315,7 @@ def test_detect_prefers_nvml(monkeypatch):
     def smi_must_not_run(argv, timeout):
         raise AssertionError("nvidia-smi used although NVML works")
 
-    found = hardware.detect_gpus(run_smi=smi_must_not_run)
+    found = detect.detect_gpus(run_smi=smi_must_not_run)
     assert found == [
         DetectedGpu(0, "NVIDIA A100-SXM4-40GB", 40 * GIB),
         DetectedGpu(1, "NVIDIA L4", 23034 * MIB),
@@ -324,7 +325,7 @@ def test_detect_prefers_nvml(monkeypatch):
 
 def test_detect_falls_back_to_smi_when_nvml_will_not_start(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([], fail_init=True))
-    found = hardware.detect_gpus(run_smi=lambda argv, timeout: "0, NVIDIA L40S, 46068\n")
+    found = detect.detect_gpus(run_smi=lambda argv, timeout: "0, NVIDIA L40S, 46068\n")
     assert [g.name for g in found] == ["NVIDIA L40S"]
 
 
@@ -362,7 +363,7 @@ def test_match_detected_maps_driver_names(name, memory_mib, expected):
 
 
 def test_check_gpu_choice():
-    h100s = hardware.parse_nvidia_smi(SMI_OUTPUT)
+    h100s = detect.parse_nvidia_smi(SMI_OUTPUT)
     assert check_gpu_choice(get_gpu("h100"), h100s) is None
     assert check_gpu_choice(get_gpu("a100-40gb"), []) is None
 
@@ -457,7 +458,8 @@ def test_registry_parser_rejects_a_name_used_twice():
 
 def test_import_and_lookup_stay_light():
     code = (
-        "import sys; from tuner.hardware import get_gpu, detect_gpus; get_gpu('h100'); "
+        "import sys; from tuner.hardware import get_gpu; from tuner.detect import detect_gpus; "
+        "get_gpu('h100'); "
         "get_gpu('cpu'); print(sorted({'torch', 'transformers', 'vllm'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

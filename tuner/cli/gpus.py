@@ -25,7 +25,8 @@ def gpus(as_json: bool, wide: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tuner.hardware import detect_gpus, format_registry_rows, match_detected
+    from tuner.detect import detect_gpus, match_detected
+    from tuner.hardware import format_registry_rows
 
     rows = format_registry_rows()
     detected = detect_gpus()
