@@ -23,7 +23,7 @@ from tuner.estimate import CPU_DEFAULT_KV_CACHE_BYTES
 from tuner.hardware import GpuSpec, get_gpu
 from tuner.model import ModelSpec, load_model
 from tuner.profile import profile_paths, slug, write_profile
-from tuner.prune import Plan, Target, Variant, default_space, plan
+from tuner.prune import Plan, Target, default_space, plan
 from tuner.ratesearch import RateSearchConfig
 from tuner.record import SCHEMA, STATE_COMPLETE
 from tuner.search import (
@@ -40,6 +40,7 @@ from tuner.slo import Slo, parse_slo
 from tuner.space import Space, load_space_file, parse_param_overrides
 from tuner.study import open_study, redact, storage_url
 from tuner.trial import TrialSetup, VllmTrialRunner
+from tuner.variants import materialize, plan_variants
 
 # Rough per-launch start-up for the dry-run's time estimate (seen: 25-70 s on 2 CPU cores).
 STARTUP_ESTIMATE_S = {"cpu": 60.0, "gpu": 120.0}
@@ -60,6 +61,9 @@ class TuneConfig:
     kv_cache_memory_bytes: int | None = None
     engine_args: tuple[tuple[str, Any], ...] = ()  # fixed for every candidate
     variants: tuple[tuple[str, str], ...] = ()  # (name, checkpoint path or hub id)
+    build_variants: tuple[str, ...] = ()  # methods to build: awq, gptq
+    max_quality_loss: float | None = None  # percent perplexity increase allowed
+    calib: str | None = None  # calibration texts for building and the quality guard
     storage: str | None = None
     out: Path | None = None
     endpoint: str = "completions"
@@ -85,6 +89,7 @@ class Prepared:
     yaml_path: Path
     json_path: Path
     work_dir: Path
+    quality: list[dict[str, Any]] = field(default_factory=list)
 
     def estimated_seconds(self) -> float:
         """Launch + the rate search's points, per trial (the baseline included), plus finalist
@@ -121,7 +126,15 @@ def prepare(cfg: TuneConfig) -> Prepared:
     gpu = get_gpu(cfg.gpu)
     warnings = [w for w in [check_gpu_choice(gpu, detect_gpus())] if w]
     slo = parse_slo(cfg.slo) if cfg.slo else None
-    variants = _variants(cfg, model, gpu)
+    yaml_path, json_path = profile_paths(cfg.model, gpu.name, cfg.out)
+    variants = plan_variants(
+        cfg.model,
+        model,
+        gpu,
+        checkpoints=cfg.variants,
+        build=cfg.build_variants,
+        variants_dir=yaml_path.parent / "variants",
+    )
     kv_bytes = cfg.kv_cache_memory_bytes
     if kv_bytes is None and gpu.is_cpu:
         kv_bytes = CPU_DEFAULT_KV_CACHE_BYTES
@@ -145,7 +158,6 @@ def prepare(cfg: TuneConfig) -> Prepared:
             f"known: {', '.join(variants)} (add one with --variant NAME=PATH)"
         )
     the_plan = plan(space, target)
-    yaml_path, json_path = profile_paths(cfg.model, gpu.name, cfg.out)
     name = study_name(cfg, model, gpu, space, slo)
     work_dir = yaml_path.parent / f"{gpu.name}.study" / name.rsplit("-", 1)[-1]
     return Prepared(
@@ -162,27 +174,6 @@ def prepare(cfg: TuneConfig) -> Prepared:
         json_path,
         work_dir,
     )
-
-
-def _variants(cfg: TuneConfig, model: ModelSpec, gpu: GpuSpec) -> dict[str, Variant]:
-    variants = {"none": Variant("none", cfg.model, model, flag=None, source="original")}
-    # On-the-fly fp8 where the GPU runs it natively (vLLM CPU 0.32 lacks the fp8 kernel).
-    if not gpu.is_cpu and model.quantization is None and gpu.supports_quantization("fp8"):
-        variants["fp8"] = Variant("fp8", cfg.model, model, flag="fp8", source="online")
-    for name, where in cfg.variants:
-        if not name or name in variants:
-            raise ParameterError(f"--variant name {name!r} is empty or already used")
-        spec = load_model(where)
-        if spec.quantization is None:
-            raise ParameterError(
-                f"--variant {name}={where}: the checkpoint has no "
-                "quantization_config (is it quantized?)"
-            )
-        method = spec.quantization.method
-        if not gpu.supports_quantization(method):
-            raise ParameterError(f"--variant {name}: {method} does not run on {gpu.name}")
-        variants[name] = Variant(name, where, spec, flag=method, source="checkpoint")
-    return variants
 
 
 def _context_len(workload: WorkloadSpec) -> int:
@@ -236,6 +227,7 @@ def run_search(prep: Prepared, observer: Any = None) -> TuneOutcome:
     """Run (or resume) the study, then write the profile YAML and its JSON record."""
     cfg = prep.config
     started = time.time()
+    _materialize_variants(prep, observer)
     url = storage_url(cfg.storage, prep.yaml_path.parent / f"{prep.gpu.name}.study.db")
     sampler = make_sampler(cfg.settings, queue_all(prep.plan, cfg.settings))
     study = open_study(url, prep.study_name, directions(cfg.settings), sampler)
@@ -286,6 +278,29 @@ def run_search(prep: Prepared, observer: Any = None) -> TuneOutcome:
     observer_call(observer, "on_finish", record)
     observer_call(observer, "on_phase", "done")
     return TuneOutcome(prep, result, record, yaml_path)
+
+
+def _materialize_variants(prep: Prepared, observer: Any) -> None:
+    """Build the variants to be built and apply the quality guard, before any trial; a
+    variant the guard drops leaves the space (and the plan) with the reason recorded."""
+    variants = prep.target.variants
+    if (
+        not any(v.source == "built" for v in variants.values())
+        and prep.config.max_quality_loss is None
+    ):
+        return
+    observer_call(observer, "on_phase", "plan", "building variants / quality guard")
+    kept, figures = materialize(
+        variants, prep.gpu, calib=prep.config.calib, max_quality_loss=prep.config.max_quality_loss
+    )
+    prep.quality = figures
+    prep.target = replace(prep.target, variants=kept)
+    dropped = [name for name in variants if name not in kept]
+    if dropped:
+        values = dict(prep.space.values)
+        values["quantization"] = tuple(v for v in values.get("quantization", ()) if v in kept)
+        prep.space = Space({k: v for k, v in values.items() if v})
+    prep.plan = plan(prep.space, prep.target)
 
 
 def _baseline_seqs(prep: Prepared, fits: float) -> int:

@@ -95,6 +95,18 @@ def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
     help="A pre-quantized checkpoint to try, e.g. awq=/models/llama-awq.",
 )
 @click.option(
+    "--build-variants",
+    default="",
+    help="Quantized variants to build and try, e.g. awq,gptq (built once, then reused).",
+)
+@click.option(
+    "--max-quality-loss",
+    type=float,
+    callback=_positive_float,
+    help="Drop variants whose perplexity on the calibration texts rises more than this %.",
+)
+@click.option("--calib", default=None, help="Calibration texts (default: vtune's bundled set).")
+@click.option(
     "--engine-arg",
     "engine_args",
     multiple=True,
@@ -252,8 +264,11 @@ def _config(o: dict[str, Any]) -> Any:
         space_file=o["space_file"],
         max_model_len=o["max_model_len"],
         kv_cache_memory_bytes=o["kv_cache_memory_bytes"],
-        engine_args=o["engine_args"],
+        engine_args=tuple(o["engine_args"].items()),
         variants=o["variants"],
+        build_variants=tuple(m.strip() for m in o["build_variants"].split(",") if m.strip()),
+        max_quality_loss=o["max_quality_loss"],
+        calib=o["calib"],
         storage=o["storage"],
         out=o["out"],
         endpoint=o["endpoint"],

@@ -1,0 +1,132 @@
+"""`vtune search` end to end on vLLM CPU with the tiny model.
+
+One search, as a user runs it: killed (SIGKILL) after its first trial, started again — it resumes
+without repeating that trial while a real Prometheus scrapes its exporter — and finishes with a
+profile that a fresh `vllm ... --config` serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.prom import free_port, running_prometheus
+
+pytestmark = pytest.mark.e2e
+
+SLO = "ttft:p95<2s;tpot:p95<200ms"
+
+
+def search_argv(model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "tuner", "search", "--model", str(model), "--gpu", "cpu",
+        "--slo", SLO, "--param", "max_num_seqs=4,16,64", "--engine-arg", "enforce_eager",
+        "--input-len", "64", "--output-len", "32", "--seconds-per-point", "3",
+        "--iterations", "1", "--finalists", "2", "--repeats", "1", "--out", str(out), *extra,
+    ]
+
+
+def vllm_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "vllm.entrypoints" in cmd or "VLLM::" in cmd:
+            found.append(proc)
+    return found
+
+
+def wait_until(cond, timeout_s: float, step: float = 0.5) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(step)
+    return bool(cond())
+
+
+def test_search_resumes_after_kill_writes_profile_and_is_scraped(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "profiles"
+    assert not vllm_processes(), "another vLLM is running; run e2e tests under flock"
+
+    # 1. Start, and SIGKILL vtune as soon as its first trial is saved.
+    log1 = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(search_argv(tiny_model_dir, out), stdout=log1, stderr=log1,
+                             start_new_session=True)
+    trial_files = lambda: sorted(out.glob("*/cpu.study/*/trials/*.json"))  # noqa: E731
+    assert wait_until(lambda: trial_files() or first.poll() is not None, 400), "no trial saved"
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    saved = trial_files()
+    assert len(saved) == 1
+    first_trial = json.loads(saved[0].read_text())
+    assert first_trial["name"] == "vllm-defaults" and first_trial["state"] == "complete"
+    # vtune died hard; its guard must still take vLLM down (parent-death signal).
+    assert wait_until(lambda: not vllm_processes(), 30), [p.pid for p in vllm_processes()]
+
+    # 2. The same command again, watched by a real Prometheus.
+    port = free_port()
+    with running_prometheus([f"127.0.0.1:{port}"]) as prom:
+        second = subprocess.run(
+            search_argv(tiny_model_dir, out, "--metrics-port", str(port)),
+            capture_output=True, text=True, timeout=1200, check=False,
+        )
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        # The exporter is gone once vtune exits; look back over the run, not at "now".
+        scraped = prom.query('max_over_time(vtune_trials_total{state="complete"}[30m])')
+    assert scraped, "Prometheus found no vtune_trials_total series while the search ran"
+    assert max(float(s["value"][1]) for s in scraped) >= 1
+
+    yaml_path = out / tiny_model_dir.name / "cpu.yaml"
+    record = json.loads(yaml_path.with_suffix(".json").read_text())
+    names = [t["name"] for t in record["trials"]]
+    assert sorted(names) == sorted(["vllm-defaults", "seqs4", "seqs16", "seqs64"])
+    baseline = next(t for t in record["trials"] if t["name"] == "vllm-defaults")
+    assert baseline["started_at"] == first_trial["started_at"]  # resumed, not repeated
+    logs = list(out.glob("*/cpu.study/*/logs/*vllm-defaults.log"))
+    assert len(logs) == 1
+    assert record["best"] in names and record["gain"]["baseline"] is not None
+    for trial in record["trials"]:
+        assert trial["state"] == "complete", trial.get("failure")
+        assert trial["server_info"]["kv_cache_size_tokens"] == 1048576
+        assert trial["best"]["p95_tpot_ms"] < 200 and trial["best"]["p95_ttft_ms"] < 2000
+    # Larger max_num_seqs measured higher throughput on this model (batching pays on CPU too).
+    objective = {t["name"]: t["objective"] for t in record["trials"]}
+    assert objective["seqs64"] > objective["seqs4"]
+    assert not vllm_processes()
+
+    # 3. A fresh vLLM loads the profile unchanged and answers.
+    profile = yaml_path.read_text()
+    assert "max-num-seqs" in profile or record["best"] == "vllm-defaults"
+    assert "kv-cache-memory-bytes: 1073741824" in profile
+    from tuner.engine import EngineSettings, LaunchConfig, VllmServer
+
+    launch = LaunchConfig(
+        command=(sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                 "--config", str(yaml_path)),
+        device="cpu", log_dir=tmp_path / "fresh", startup_timeout_s=600,
+    )
+    with VllmServer(EngineSettings(model=str(tiny_model_dir)), launch) as server:
+        body = json.dumps({"model": str(tiny_model_dir), "prompt": "Hello", "max_tokens": 4})
+        req = urllib.request.Request(server.url + "/v1/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+        assert answer["choices"][0]["text"] is not None
+        assert answer["usage"]["completion_tokens"] == 4
+        log = server.log_path.read_text()
+        config = record["profile"]["config"]
+        if "max-num-seqs" in config:
+            assert f"'max_num_seqs': {config['max-num-seqs']}" in log
+    assert server.survivors == []
