@@ -76,6 +76,7 @@ class SearchResult:
     pareto: list[str]
     sampled_pruned: list[Pruned] = field(default_factory=list)
     elapsed_s: float = 0.0
+    finalist_engine_time_s: float = 0.0
 
 
 def directions(settings: SearchSettings) -> list[str]:
@@ -181,7 +182,7 @@ class Search:
             done[planned.name] = record
             if record.baseline:
                 self.observer.on_phase("trials")
-        finalists, within_noise = self._finalists(done)
+        finalists, within_noise, finalist_time = self._finalists(done)
         best = self._choose(done, finalists)
         return SearchResult(
             records=done,
@@ -192,6 +193,7 @@ class Search:
             pareto=self._pareto(done),
             sampled_pruned=sampled_pruned,
             elapsed_s=self.clock() - started,
+            finalist_engine_time_s=finalist_time,
         )
 
     def _enqueue(self, done: dict[str, TrialRecord], grid: bool) -> None:
@@ -277,23 +279,28 @@ class Search:
         complete = [r for r in complete if (r.objective or 0.0) > 0.0]
         return sorted(complete, key=lambda r: (-(r.objective or 0.0), r.name))
 
-    def _finalists(self, done: dict[str, TrialRecord]) -> tuple[list[Finalist], bool]:
+    def _finalists(self, done: dict[str, TrialRecord]) -> tuple[list[Finalist], bool, float]:
+        """Re-measure the top candidates; returns them best first, the noise verdict, and the
+        engine time the re-runs took."""
         ranked = self._ranked(done)[: self.settings.finalists]
         if self.settings.repeats <= 0 or len(ranked) < 2:
-            return [Finalist.of(r.name, [r.objective or 0.0]) for r in ranked], False
+            return [Finalist.of(r.name, [r.objective or 0.0]) for r in ranked], False, 0.0
         self.observer.on_phase("finalists", ", ".join(r.name for r in ranked))
         finalists = []
+        seconds = 0.0
         for record in ranked:
-            samples = self.store.load_samples(record.name)
-            if samples is None:
+            saved = self.store.load_samples(record.name)
+            if saved is None:
                 variant = self.target.variants[record.variant]
+                t0 = self.clock()
                 extra = self.runner.remeasure(record, variant, self.settings.repeats)
-                samples = [record.objective or 0.0, *extra]
-                self.store.save_samples(record.name, samples)
-            finalists.append(Finalist.of(record.name, samples))
+                saved = ([record.objective or 0.0, *extra], self.clock() - t0)
+                self.store.save_samples(record.name, *saved)
+            finalists.append(Finalist.of(record.name, saved[0]))
+            seconds += saved[1]
         finalists.sort(key=lambda f: f.mean, reverse=not self.settings.minimize)
         within_noise = len(finalists) >= 2 and finalists[0].overlaps(finalists[1])
-        return finalists, within_noise
+        return finalists, within_noise, seconds
 
     def _choose(
         self, done: dict[str, TrialRecord], finalists: list[Finalist]
@@ -344,13 +351,20 @@ class TrialStore:
             out[record.name] = record
         return out
 
-    def save_samples(self, name: str, samples: list[float]) -> None:
+    def save_samples(self, name: str, samples: list[float], seconds: float) -> None:
         from tuner.profile import atomic_write_json
 
-        atomic_write_json(self._path("finalists", name), {"name": name, "samples": samples})
+        atomic_write_json(
+            self._path("finalists", name),
+            {"name": name, "samples": samples, "engine_time_s": seconds},
+        )
 
-    def load_samples(self, name: str) -> list[float] | None:
+    def load_samples(self, name: str) -> tuple[list[float], float] | None:
+        """A finalist's saved samples and the engine time they took; None if not saved."""
         from tuner.profile import read_json
 
         path = self._path("finalists", name)
-        return list(read_json(path)["samples"]) if path.exists() else None
+        if not path.exists():
+            return None
+        data = read_json(path)
+        return list(data["samples"]), float(data.get("engine_time_s", 0.0))

@@ -397,6 +397,7 @@ def build_record(prep: Prepared, result: SearchResult, url: str, started: float)
             "budget": cfg.settings.budget,
             "elapsed_s": round(time.time() - started, 1),
             "engine_time_s": round(sum(r.engine_time_s for r in trials), 1),
+            "finalist_engine_time_s": round(result.finalist_engine_time_s, 1),
         },
         "plan": {
             "space": {k: list(v) for k, v in prep.space.values.items()},
