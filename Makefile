@@ -9,7 +9,7 @@ GPTQ_NODEPS := gptqmodel==7.6.0 threadpoolctl==3.8.0 device-smi==0.5.7 pypcre==0
 DEMO_OUT ?= runs/demo
 DEMO_MODEL ?= .vtune/models/tiny-llama
 
-.PHONY: setup demo test test-unit test-e2e lint bench clean
+.PHONY: setup demo report test test-unit test-e2e lint clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,12 @@ $(STAMP): pyproject.toml
 # The main job on the embedded default: vLLM CPU, a tiny model generated here, a SQLite study.
 demo: setup
 	$(VTUNE) tiny-model --out $(DEMO_MODEL)
-	$(VTUNE) search --model $(DEMO_MODEL) --gpu cpu --slo "ttft:p95<2s;tpot:p95<250ms" \
-		--out $(DEMO_OUT)
+	$(VTUNE) search --model $(DEMO_MODEL) --gpu cpu --slo "ttft:p95<1s;tpot:p95<100ms" \
+		--seconds-per-point 5 --out $(DEMO_OUT)
+
+# HTML + PNG report of the demo's search.
+report: setup
+	$(VTUNE) report $(DEMO_OUT)/tiny-llama/cpu.json --out $(DEMO_OUT)/report
 
 # Lint, then every test: unit tests and the end-to-end tests against real vLLM CPU.
 test: setup lint

@@ -47,13 +47,16 @@ KV_DTYPE_BYTES = {
 class Efficiency:
     """Fractions of the datasheet peaks a decode step reaches, and its fixed cost.
 
-    Defaults are typical of vLLM decode on H100-class GPUs (memory-bound kernels reach ~80 % of
-    HBM bandwidth; small-batch GEMMs ~60 % of dense peak; ~2 ms of scheduling, sampling and launch
-    per step). They shape the predicted throughput curve, not the knee, which uses the peaks.
+    Calibrated on an H100 SXM (benchmarks/gpu_roofline.py, 2026-11-25): one decode step of
+    Llama-3.1-8B's matmuls in a CUDA graph read its 15.0 GB of weights at 76 % of the 3.35 TB/s
+    datasheet bandwidth (5.9 ms at batch 1) and reached 65 % of the 989 TFLOP/s dense bf16 peak
+    at batch 1024-2048; the measured knee, 254, matched these factors (252). The fixed cost per
+    step (scheduling, sampling, launches outside the graph) is a typical vLLM figure.
+    Only the predicted step times use these; ``roofline_knee_batch`` uses the peaks.
     """
 
-    memory_bandwidth: float = 0.8
-    compute: float = 0.6
+    memory_bandwidth: float = 0.76
+    compute: float = 0.65
     step_overhead_s: float = 0.002
 
 
@@ -125,6 +128,7 @@ class Estimate:
     kv_bytes_per_sequence: int
     naive_max_batch: int
     gpu_memory_bytes: int
+    gpu_usable_memory_bytes: int  # what the driver reports: vLLM scales this by the utilization
     activation_bytes: int
     non_torch_bytes: int
     kv_pool_bytes: int
@@ -342,7 +346,7 @@ def estimate(
     else:
         acts_used, non_torch = acts, ovh.non_torch_bytes + ovh.cuda_graph_bytes
         pool = (
-            int(gpu.memory_bytes * cfg.gpu_memory_utilization)
+            int(gpu.usable_memory_bytes * cfg.gpu_memory_utilization)
             - weights.total // tp
             - acts_used
             - non_torch
@@ -400,6 +404,7 @@ def estimate(
         kv_bytes_per_sequence=per_seq_total,
         naive_max_batch=naive,
         gpu_memory_bytes=gpu.memory_bytes,
+        gpu_usable_memory_bytes=gpu.usable_memory_bytes,
         activation_bytes=acts_used,
         non_torch_bytes=non_torch,
         kv_pool_bytes=pool,

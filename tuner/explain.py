@@ -106,9 +106,9 @@ def explain_lines(
     else:
         add(
             "KV pool",
-            "GPU memory x gpu_memory_utilization - weights/TP - activations "
+            "driver-visible GPU memory x gpu_memory_utilization - weights/TP - activations "
             "- non-torch (CUDA context, graphs)",
-            f"{_n(est.gpu_memory_bytes)} x {cfg.gpu_memory_utilization} - "
+            f"{_n(est.gpu_usable_memory_bytes)} x {cfg.gpu_memory_utilization} - "
             f"{_n(est.weight_bytes // est.tensor_parallel_size)} - {_n(est.activation_bytes)} - "
             f"{_n(est.non_torch_bytes)}",
             f"{_n(est.kv_pool_bytes)} B ({_gib(est.kv_pool_bytes)})",
