@@ -42,7 +42,7 @@ def tiny_model_dir(
     env = os.environ.get("VTUNE_TINY_MODEL_DIR")
     if env:
         target = Path(env)
-    elif request.config.cache is not None:
+    elif getattr(request.config, "cache", None) is not None:
         target = Path(request.config.cache.mkdir("vtune-tiny-llama"))
     else:
         target = tmp_path_factory.mktemp("tiny-llama")

@@ -94,7 +94,7 @@ def test_search_resumes_after_kill_writes_profile_and_is_scraped(
     assert sorted(names) == sorted(["vllm-defaults", "seqs4", "seqs16", "seqs64"])
     baseline = next(t for t in record["trials"] if t["name"] == "vllm-defaults")
     assert baseline["started_at"] == first_trial["started_at"]  # resumed, not repeated
-    logs = list(out.glob("*/cpu.study/*/logs/*vllm-defaults.log"))
+    logs = list(out.glob("*/cpu.study/*/logs/[0-9]*-vllm-defaults.log"))  # finalists aside
     assert len(logs) == 1
     assert record["best"] in names and record["gain"]["baseline"] is not None
     for trial in record["trials"]:

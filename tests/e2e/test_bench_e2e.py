@@ -1,0 +1,296 @@
+"""``vtune bench`` and the load generator against real vLLM CPU with the tiny model.
+
+    flock /tmp/vtune-vllm.lock .venv/bin/pytest -m e2e tests/e2e/test_bench_e2e.py
+
+The tests that launch their own vLLM come first (before the session server of
+tests/conftest.py exists, so two vLLMs never share the two cores); they pass --enforce-eager,
+which halves the start. The measurements share the session server and keep each load to a few
+seconds. Every launched process is checked to be gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tuner.bench import BenchConfig, WorkloadSpec, measure, run_bench
+from tuner.engine import EngineSettings, LaunchConfig
+from tuner.load import LoadConfig
+from tuner.slo import parse_slo
+from tuner.workload import LengthRange, load_tokenizer, random_requests
+
+pytestmark = pytest.mark.e2e
+MARK = "VTUNE_BENCH_E2E_MARK"
+
+
+def _marked(mark: str) -> list[str]:
+    """Live processes that carry ``MARK=mark`` in their environment (children of one run)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(MARK) == mark:
+                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:100]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _vtune(args: list[str], mark: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, MARK: mark}
+    return subprocess.run(
+        [sys.executable, "-m", "tuner", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+# --- launching its own vLLM ---------------------------------------------------------------------
+
+
+def test_invalid_engine_flag_is_an_invalid_option_result(tiny_model_dir: Path, tmp_path: Path):
+    mark = uuid.uuid4().hex
+    out = tmp_path / "bad.json"
+    proc = _vtune(
+        [
+            "bench",
+            "--model",
+            str(tiny_model_dir),
+            "--engine-arg",
+            "no_such_flag=1",
+            "--num-prompts",
+            "2",
+            "--json",
+            str(out),
+        ],
+        mark,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["status"] == "failed" and data["failure"] == "invalid_option"
+    assert "no-such-flag" in data["message"]
+    assert _marked(mark) == []
+
+
+def test_bench_starts_measures_writes_and_stops(tiny_model_dir: Path, tmp_path: Path):
+    mark = uuid.uuid4().hex
+    out = tmp_path / "run.json"
+    proc = _vtune(
+        [
+            "bench",
+            "--model",
+            str(tiny_model_dir),
+            "--engine-arg",
+            "enforce_eager",
+            "--engine-arg",
+            "max_num_seqs=8",
+            "--num-prompts",
+            "16",
+            "--input-len",
+            "32",
+            "--output-len",
+            "16",
+            "--concurrency",
+            "4",
+            "--slo",
+            "ttft:p99<10s",
+            "--json",
+            str(out),
+        ],
+        mark,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "request throughput" in proc.stdout and "TTFT" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["status"] == "ok" and data["completed"] == 16 and data["failed"] == 0
+    assert data["total_output_tokens"] == 16 * 16
+    assert data["server_metrics"]["generation_tokens"] == 16 * 16
+    assert data["server_metrics"]["max_running"] <= 8  # max_num_seqs reached vLLM
+    assert "max-num-seqs" in data["config"]["engine"]
+    assert data["request_goodput"] is not None
+    assert _marked(mark) == [], "vLLM outlived vtune bench"
+
+
+def test_server_killed_mid_run_gives_a_partial_crashed_result(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, mark)
+    cfg = BenchConfig(
+        model=str(tiny_model_dir),
+        workload=WorkloadSpec(
+            num_prompts=200, input_len=LengthRange.fixed(32), output_len=LengthRange.fixed(32)
+        ),
+        load=LoadConfig(rate=10.0, warmup=1, timeout_s=30),
+        engine=EngineSettings(model=str(tiny_model_dir), extra=(("--enforce-eager", None),)),
+        launch=LaunchConfig(device="cpu", startup_timeout_s=300),
+    )
+    measuring = threading.Event()
+
+    def progress(msg: str) -> None:
+        if msg.startswith("vLLM is up"):
+            measuring.set()
+
+    def killer() -> None:
+        measuring.wait(400)
+        time.sleep(3)  # a few seconds of load first
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            try:
+                if "vllm.entrypoints.openai.api_server" in cmd and proc.environ().get(MARK) == mark:
+                    proc.kill()
+            except psutil.Error:
+                continue
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    result = run_bench(cfg, progress=progress)
+    t.join(5)
+    assert result.status == "failed" and result.failure == "crashed", result.message
+    assert result.partial
+    m = result.measurement
+    assert m is not None and m.load.stopped == "aborted"
+    assert m.summary.completed >= 5  # ~3 s at 10/s before the kill
+    assert m.window.duration < 15  # stopped early: 200 requests at 10/s would take 20 s
+    assert result.to_json()["partial"] is True
+    time.sleep(1)
+    assert _marked(mark) == []
+
+
+def test_health_timeout_is_a_result_and_leaves_nothing(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, mark)
+    cfg = BenchConfig(
+        model=str(tiny_model_dir),
+        workload=WorkloadSpec(
+            num_prompts=2, input_len=LengthRange.fixed(8), output_len=LengthRange.fixed(4)
+        ),
+        load=LoadConfig(),
+        engine=EngineSettings(model=str(tiny_model_dir)),
+        launch=LaunchConfig(device="cpu", startup_timeout_s=4, stop_grace_s=2),
+    )
+    t0 = time.monotonic()
+    result = run_bench(cfg)
+    assert time.monotonic() - t0 < 30
+    assert result.status == "failed" and result.failure == "health_timeout"
+    assert _marked(mark) == []
+
+
+# --- on the session server ----------------------------------------------------------------------
+
+
+def _measure(
+    server, tiny_model_dir: Path, n: int, n_in: int, n_out: int, load: LoadConfig, seed: int, **kw
+):
+    import asyncio
+
+    tok = load_tokenizer(tiny_model_dir)
+    reqs = random_requests(
+        tok, n + load.warmup, LengthRange.fixed(n_in), LengthRange.fixed(n_out), seed=seed
+    )
+    kw.setdefault("scrape_interval", 0.1)
+    return asyncio.run(measure(server.url, server.info.model, reqs, load, **kw))
+
+
+def test_client_token_count_equals_server_generation_tokens(vllm_server, tiny_model_dir: Path):
+    load = LoadConfig(concurrency=4, warmup=2)
+    m = _measure(vllm_server, tiny_model_dir, 24, 24, 64, load, seed=11)
+    s, sv = m.summary, m.server
+    assert s.completed == 24 and s.failed == 0
+    assert all(r.output_tokens == 64 for r in m.records)  # exact lengths (ignore_eos, min_tokens)
+    # one SSE chunk per token, unless vLLM's API server fell behind and merged some
+    assert all(1 <= len(r.chunk_times) <= 64 for r in m.records)
+    assert sv is not None and sv.failures == 0
+    assert sv.generation_tokens == s.total_output_tokens == 24 * 64  # warm-up not counted
+    assert sv.prompt_tokens == s.total_input_tokens == 24 * 24
+    assert sv.requests_finished == 24
+    # gauges are sampled (every 0.1 s here), so they are seen only if a poll hits the run
+    assert sv.samples >= 3, f"run too short to sample: {m.window.duration:.2f} s"
+    assert sv.max_running is not None and 1 <= sv.max_running <= 4
+    assert sv.peak_kv_cache_usage is not None and 0 < sv.peak_kv_cache_usage <= 1
+
+
+def test_client_ttft_never_below_the_servers_and_close_at_low_load(
+    vllm_server, tiny_model_dir: Path
+):
+    gaps = []
+    for attempt in range(3):  # "close" needs a quiet machine; "never below" must always hold
+        load = LoadConfig(rate=4.0, warmup=1, seed=3 + attempt)
+        m = _measure(vllm_server, tiny_model_dir, 12, 32, 4, load, seed=12 + attempt)
+        s, sv = m.summary, m.server
+        assert s.completed == 12 and sv is not None and sv.server_ttft_mean is not None
+        client = sorted(r.ttft for r in m.records if r in m.window)
+        # Per request, "never below": for every histogram bound, no more client TTFTs than
+        # server TTFTs fit under it (the client's clock starts before the server's and stops
+        # after it).
+        assert sv.ttft_buckets
+        for bound, server_count in sv.ttft_buckets:
+            assert sum(t <= bound for t in client) <= server_count, (bound, client)
+        assert s.ttft.mean >= sv.server_ttft_mean
+        # ...and close to it at low load: HTTP, JSON and the API server's own queueing only.
+        gaps.append(s.ttft.mean - sv.server_ttft_mean)
+        if gaps[-1] < 0.030:
+            break
+    assert min(gaps) < 0.030, f"client - server mean TTFT per attempt (s): {gaps}"
+
+
+def test_higher_concurrency_gives_higher_throughput_and_latency(vllm_server, tiny_model_dir: Path):
+    one = _measure(
+        vllm_server, tiny_model_dir, 8, 64, 32, LoadConfig(concurrency=1, warmup=1), seed=21
+    ).summary
+    many = _measure(
+        vllm_server, tiny_model_dir, 48, 64, 32, LoadConfig(concurrency=16, warmup=2), seed=22
+    ).summary
+    assert one.failed == many.failed == 0
+    assert many.output_throughput > 1.5 * one.output_throughput, (
+        one.output_throughput,
+        many.output_throughput,
+    )
+    # Latency: end to end, and per output token. (Not TTFT: at concurrency 1 vLLM CPU on two
+    # cores often streams a request's tokens in one burst at its end, so TTFT ~ E2E there.)
+    assert many.e2el.mean > one.e2el.mean
+    assert many.tpot.mean > one.tpot.mean
+    assert one.peak_in_flight == 1 and 8 < many.peak_in_flight <= 16
+
+
+def test_goodput_and_duration_stop_on_a_real_server(vllm_server, tiny_model_dir: Path):
+    slo = parse_slo("ttft:p99<60s;e2el<60s")
+    load = LoadConfig(rate=8.0, duration_s=2.0, burstiness=4.0, warmup=1)
+    m = _measure(vllm_server, tiny_model_dir, 10, 16, 8, load, seed=31, slo=slo)
+    assert m.load.stopped == "duration"
+    assert 8 <= m.summary.completed <= 30  # about 16 at 8/s for 2 s, the set cycled
+    assert m.summary.request_goodput == pytest.approx(m.summary.request_throughput)
+    assert slo.met(m.summary)
+
+
+def test_chat_endpoint_streams_exact_lengths(vllm_server, tiny_model_dir: Path):
+    import asyncio
+
+    tok = load_tokenizer(tiny_model_dir)
+    reqs = random_requests(
+        tok, 5, LengthRange.fixed(20), LengthRange.fixed(10), seed=41, endpoint="chat"
+    )
+    load = LoadConfig(concurrency=2, warmup=1, endpoint="chat")
+    m = asyncio.run(
+        measure(vllm_server.url, vllm_server.info.model, reqs, load, scrape_interval=0.1)
+    )
+    assert m.summary.completed == 4 and m.summary.failed == 0
+    assert all(r.output_tokens == 10 and len(r.chunk_times) == 10 for r in m.records)
+    assert all(r.prompt_len > 20 for r in m.records)  # the server counts the chat template too
+    assert m.server is not None and m.server.generation_tokens == 40

@@ -1,0 +1,316 @@
+"""``vtune bench``: measure one configuration, like ``vllm bench serve`` (parse, call, print)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tuner.cli.common import positive_int
+
+
+def _positive_float(
+    ctx: click.Context, param: click.Parameter, value: float | None
+) -> float | None:
+    if value is not None and not value > 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+def _non_negative(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise click.BadParameter(f"must be >= 0, got {value}")
+    return value
+
+
+def _length(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from tuner.errors import ParameterError
+    from tuner.workload import LengthRange
+
+    if value is None:
+        return None
+    try:
+        return LengthRange.parse(value)
+    except ParameterError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from tuner.slo import parse_slo
+
+    return None if value is None else parse_slo(value)
+
+
+@click.command()
+@click.option("--model", required=True, help="Model directory (or HF id in the local cache).")
+@click.option(
+    "--gpu",
+    "gpu_name",
+    default=None,
+    help="GPU from the registry (`vtune gpus`); default cpu with vLLM's CPU build.",
+)
+@click.option(
+    "--engine-arg",
+    "engine_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A vLLM engine setting, e.g. max_num_seqs=8 (repeatable).",
+)
+@click.option("--url", default=None, help="Measure this running server instead of starting one.")
+@click.option("--served-model-name", default=None, help="Model name to send (default: server's).")
+@click.option("--tokenizer", default=None, help="Tokenizer directory (default: the model's).")
+@click.option(
+    "--input-len",
+    default="256",
+    show_default=True,
+    callback=_length,
+    help="Prompt tokens: N or LOW:HIGH.",
+)
+@click.option(
+    "--output-len",
+    default=None,
+    callback=_length,
+    help="Output tokens: N or LOW:HIGH (default 128; with --dataset: the answers').",
+)
+@click.option(
+    "--dataset",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="ShareGPT-format JSON file instead of random prompts.",
+)
+@click.option(
+    "--prefix-len",
+    default=0,
+    type=int,
+    callback=_non_negative,
+    help="Tokens of shared prefix per prompt.",
+)
+@click.option("--num-prefixes", default=1, type=int, callback=positive_int)
+@click.option(
+    "--rate",
+    type=float,
+    default=None,
+    callback=_positive_float,
+    help="Requests/s (Poisson; gamma with --burstiness). Default: all at once.",
+)
+@click.option(
+    "--burstiness",
+    type=float,
+    default=1.0,
+    show_default=True,
+    callback=_positive_float,
+    help="1 Poisson, <1 burstier, inf constant spacing.",
+)
+@click.option(
+    "--concurrency",
+    type=int,
+    default=None,
+    callback=positive_int,
+    help="Max requests in flight (closed loop without --rate).",
+)
+@click.option("--num-prompts", type=int, default=100, show_default=True, callback=positive_int)
+@click.option(
+    "--duration",
+    type=float,
+    default=None,
+    callback=_positive_float,
+    help="Stop sending after this many seconds instead of after --num-prompts.",
+)
+@click.option(
+    "--warmup",
+    type=int,
+    default=2,
+    show_default=True,
+    callback=_non_negative,
+    help="Warm-up requests, not measured.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    callback=_positive_float,
+    help="Per-request timeout in seconds.",
+)
+@click.option(
+    "--endpoint",
+    type=click.Choice(["completions", "chat"]),
+    default="completions",
+    show_default=True,
+)
+@click.option(
+    "--slo",
+    default=None,
+    callback=_slo,
+    help='SLO for goodput, e.g. "ttft:p95<500ms;tpot:p99<50ms".',
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the result (vllm bench serve field names) to this file.",
+)
+@click.option(
+    "--api-key",
+    envvar="OPENAI_API_KEY",
+    default=None,
+    show_envvar=True,
+    help="Bearer token for the server (never printed or written).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--port", type=int, default=None, help="Port for the started vLLM (default: free).")
+@click.option(
+    "--startup-timeout",
+    type=float,
+    default=None,
+    callback=_positive_float,
+    help="Seconds to wait for vLLM to become healthy.",
+)
+@click.option("--no-scrape", is_flag=True, help="Do not scrape the server's /metrics.")
+def bench(**opts: Any) -> None:
+    """Start vLLM (or use --url), run the load, print a table, write --json, stop vLLM."""
+    from tuner import bench as core
+
+    cfg = _config(opts)
+    result = core.run_bench(cfg, progress=lambda msg: click.echo(f"vtune: {msg}", err=True))
+    _print(result)
+    if opts["json_out"] is not None:
+        path = core.write_json(result, opts["json_out"])
+        click.echo(f"vtune: wrote {path}", err=True)
+    if result.status != "ok":
+        raise SystemExit(1)
+
+
+def _engine_args(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``("max_num_seqs=8", "enforce_eager", "x=false")`` -> {"max_num_seqs": "8", ...};
+    a bare key or true/false give a flag (``--x`` / ``--no-x``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--engine-arg")
+        low = value.strip().lower()
+        out[key.strip()] = True if not sep or low == "true" else False if low == "false" else value
+    return out
+
+
+def _config(o: dict[str, Any]) -> Any:
+    """Build the BenchConfig from the parsed options (no I/O beyond the GPU registry)."""
+    from tuner import bench as core
+    from tuner.engine import EngineSettings, LaunchConfig
+    from tuner.load import LoadConfig
+    from tuner.workload import DEFAULT_OUTPUT_LEN, WorkloadSpec
+
+    engine = launch = None
+    if o["url"] is None:
+        engine = EngineSettings.from_mapping(o["model"], _engine_args(o["engine_args"]))
+        launch_kw: dict[str, Any] = {"device": core.device_for(o["gpu_name"]), "port": o["port"]}
+        if o["startup_timeout"] is not None:
+            launch_kw["startup_timeout_s"] = o["startup_timeout"]
+        launch = LaunchConfig(**launch_kw)
+    elif o["engine_args"]:
+        raise click.BadParameter(
+            "engine settings need a server to start; drop --url", param_hint="--engine-arg"
+        )
+    output_len = o["output_len"]
+    if output_len is None and o["dataset"] is None:
+        output_len = DEFAULT_OUTPUT_LEN
+    workload = WorkloadSpec(
+        num_prompts=o["num_prompts"],
+        input_len=o["input_len"],
+        output_len=output_len,
+        dataset=o["dataset"],
+        prefix_len=o["prefix_len"],
+        num_prefixes=o["num_prefixes"],
+        seed=o["seed"],
+    )
+    load = LoadConfig(
+        rate=o["rate"] if o["rate"] is not None else math.inf,
+        burstiness=o["burstiness"],
+        concurrency=o["concurrency"],
+        num_requests=None if o["duration"] is not None else o["num_prompts"],
+        duration_s=o["duration"],
+        warmup=o["warmup"],
+        timeout_s=o["timeout"],
+        endpoint=o["endpoint"],
+        seed=o["seed"],
+        api_key=o["api_key"] or None,
+    )
+    return core.BenchConfig(
+        model=o["model"],
+        workload=workload,
+        load=load,
+        engine=engine,
+        launch=launch,
+        url=o["url"],
+        tokenizer=o["tokenizer"],
+        served_model_name=o["served_model_name"],
+        slo=o["slo"],
+        scrape=not o["no_scrape"],
+    )
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value * scale:,.{digits}f}"
+
+
+def _print(result: Any) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    s = result.summary
+    if s is not None:
+        t = Table(title="vtune bench", title_justify="left", show_header=False)
+        t.add_column("", style="bold")
+        t.add_column("", justify="right")
+        for label, value in (
+            ("completed / failed", f"{s.completed} / {s.failed}"),
+            ("duration (s)", _fmt(s.duration)),
+            ("request throughput (req/s)", _fmt(s.request_throughput)),
+            ("request goodput (req/s)", _fmt(s.request_goodput)),
+            ("output throughput (tok/s)", _fmt(s.output_throughput)),
+            ("total token throughput (tok/s)", _fmt(s.total_token_throughput)),
+            ("input / output tokens", f"{s.total_input_tokens:,} / {s.total_output_tokens:,}"),
+            ("peak requests in flight", f"{s.peak_in_flight}"),
+        ):
+            t.add_row(label, value)
+        console.print(t)
+        lat = Table(title="latency (ms)", title_justify="left")
+        for col in ("metric", "mean", "median", "std", "p90", "p95", "p99", "max"):
+            lat.add_column(col, justify="right" if col != "metric" else "left")
+        for name in ("ttft", "tpot", "itl", "e2el"):
+            d = getattr(s, name)
+            lat.add_row(
+                name.upper(),
+                *(
+                    _fmt(getattr(d, k), 1e3)
+                    for k in ("mean", "median", "std", "p90", "p95", "p99", "max")
+                ),
+            )
+        console.print(lat)
+    m = result.measurement
+    if m is not None and m.server is not None:
+        sv = m.server
+        console.print(
+            f"server: peak KV usage {_fmt(sv.peak_kv_cache_usage, 100, 1)}%, max running "
+            f"{_fmt(sv.max_running, 1, 0)}, max waiting {_fmt(sv.max_waiting, 1, 0)}, "
+            f"preemptions {_fmt(sv.preemptions, 1, 0)}, generated tokens "
+            f"{_fmt(sv.generation_tokens, 1, 0)}, mean server TTFT "
+            f"{_fmt(sv.server_ttft_mean, 1e3)} ms"
+            + (f" ({sv.failures} scrapes failed)" if sv.failures else "")
+        )
+    for term, value, ok in result.slo_check:
+        console.print(f"SLO {term}: {_fmt(value, 1e3)} ms {'[green]met' if ok else '[red]missed'}")
+    if s is not None and s.errors:
+        for err, n in list(s.errors.items())[:5]:
+            console.print(f"[red]{n} x {escape(err)}")
+    if result.status != "ok":
+        console.print(
+            f"[red]failed ({result.failure}): {escape(result.message or '')}"
+            + (" — partial results" if result.partial else "")
+        )
