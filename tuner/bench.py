@@ -266,13 +266,19 @@ def _finish(
     )
 
 
-def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None) -> BenchResult:
+def run_bench(
+    cfg: BenchConfig,
+    *,
+    progress: Callable[[str], None] | None = None,
+    observer: Observer | None = None,
+) -> BenchResult:
     """Run the whole bench (see the module docstring).
 
     User errors (missing or malformed dataset, no tokenizer, unreachable ``--url``) raise
     :class:`VtuneError` before anything starts. A vLLM that fails to start or dies while it is
     measured is a failed result (``failure`` = the engine's failure class), not an exception;
     the records measured before the death are kept and the result is marked partial.
+    ``observer`` (e.g. the Prometheus BenchExporter) sees every request as it is sent and done.
     """
     say = progress or (lambda _msg: None)
     if cfg.workload.dataset is not None:
@@ -296,14 +302,18 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
                 cfg.scrape,
                 slo=cfg.slo,
                 scrape_interval=cfg.scrape_interval,
+                observer=observer,
             )
         )
         return _finish(cfg, m, info.to_json())
-    return _bench_launched(cfg, requests, say)
+    return _bench_launched(cfg, requests, say, observer)
 
 
 def _bench_launched(
-    cfg: BenchConfig, requests: list[Request], say: Callable[[str], None]
+    cfg: BenchConfig,
+    requests: list[Request],
+    say: Callable[[str], None],
+    observer: Observer | None = None,
 ) -> BenchResult:
     from tuner.engine import ServerStartError, VllmServer
 
@@ -326,7 +336,7 @@ def _bench_launched(
         assert server.info is not None
         name = cfg.served_model_name or server.info.model or settings.model
         say(f"vLLM is up at {server.url} after {server.info.startup_s} s; measuring")
-        m = _run_async(_measure_watched(cfg, server, name, requests))
+        m = _run_async(_measure_watched(cfg, server, name, requests, observer))
         failure = server.poll_failure()
         info = server.info.to_json()
         if failure is not None:
@@ -340,7 +350,11 @@ def _bench_launched(
 
 
 async def _measure_watched(
-    cfg: BenchConfig, server: Any, name: str, requests: list[Request]
+    cfg: BenchConfig,
+    server: Any,
+    name: str,
+    requests: list[Request],
+    observer: Observer | None = None,
 ) -> Measurement:
     """measure(), with a watchdog that stops the load as soon as the server process dies."""
     stop = asyncio.Event()
@@ -361,6 +375,7 @@ async def _measure_watched(
             slo=cfg.slo,
             stop=stop,
             scrape_interval=cfg.scrape_interval,
+            observer=observer,
         )
     finally:
         watcher.cancel()

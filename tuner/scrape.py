@@ -99,10 +99,13 @@ class ServerStats:
     server_ttft_mean: float | None
     last_error: str | None = None
     ttft_buckets: tuple[tuple[float, float], ...] = field(default=())
+    # (seconds since the window's start, KV usage 0..1, running, waiting) per scrape.
+    series: tuple[tuple[float, float | None, float | None, float | None], ...] = field(default=())
 
     def to_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["ttft_buckets"] = [list(b) for b in self.ttft_buckets]
+        out["series"] = [list(p) for p in self.series]
         return out
 
 
@@ -236,4 +239,13 @@ def summarize_samples(
         server_ttft_mean=(ttft_sum / ttft_count) if ttft_sum is not None and ttft_count else None,
         last_error=last_error,
         ttft_buckets=tuple(buckets),
+        series=tuple(
+            (
+                round(s.t - (start if start is not None else span[0].t), 3),
+                s.values.get(KV_USAGE, s.values.get(KV_USAGE_OLD)),
+                s.values.get(RUNNING),
+                s.values.get(WAITING),
+            )
+            for s in span
+        ),
     )

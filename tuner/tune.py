@@ -223,12 +223,24 @@ def fixed_settings(prep: Prepared) -> dict[str, Any]:
     return fixed
 
 
+def storage_for(prep: Prepared) -> str:
+    """The study's storage URL: ``--storage``, or SQLite beside the profile."""
+    path = prep.yaml_path.parent / f"{prep.gpu.name}.study.db"
+    return storage_url(prep.config.storage, path)
+
+
+def check_storage(prep: Prepared) -> None:
+    """Open the study once (creating it if new), so an unreachable storage is a one-line error
+    before anything starts; StorageError otherwise."""
+    open_study(storage_for(prep), prep.study_name, directions(prep.config.settings), None)
+
+
 def run_search(prep: Prepared, observer: Any = None) -> TuneOutcome:
     """Run (or resume) the study, then write the profile YAML and its JSON record."""
     cfg = prep.config
     started = time.time()
     _materialize_variants(prep, observer)
-    url = storage_url(cfg.storage, prep.yaml_path.parent / f"{prep.gpu.name}.study.db")
+    url = storage_for(prep)
     sampler = make_sampler(cfg.settings, queue_all(prep.plan, cfg.settings))
     study = open_study(url, prep.study_name, directions(cfg.settings), sampler)
     launch = replace(
@@ -435,6 +447,7 @@ def build_record(prep: Prepared, result: SearchResult, url: str, started: float)
             }
             for v in prep.target.variants.values()
         ],
+        "quality": prep.quality,
         "fixed_settings": fixed_settings(prep),
     }
 

@@ -29,7 +29,7 @@ SLO = "ttft:p95<2s;tpot:p95<200ms"
 def search_argv(model: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "tuner", "search", "--model", str(model), "--gpu", "cpu",
-        "--slo", SLO, "--param", "max_num_seqs=4,16,64", "--engine-arg", "enforce_eager",
+        "--slo", SLO, "--param", "max_num_seqs=4,16,64",
         "--input-len", "64", "--output-len", "32", "--seconds-per-point", "3",
         "--iterations", "1", "--finalists", "2", "--repeats", "1", "--out", str(out), *extra,
     ]

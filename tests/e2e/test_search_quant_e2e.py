@@ -19,7 +19,7 @@ def test_search_builds_measures_and_records_awq(tiny_model_dir: Path, tmp_path: 
         sys.executable, "-m", "tuner", "search", "--model", str(tiny_model_dir), "--gpu", "cpu",
         "--slo", "ttft:p95<2s", "--build-variants", "awq", "--max-quality-loss", "5",
         "--param", "max_num_seqs=16", "--param", "quantization=none,awq",
-        "--engine-arg", "enforce_eager", "--input-len", "64", "--output-len", "32",
+        "--input-len", "64", "--output-len", "32",
         "--seconds-per-point", "3", "--iterations", "1", "--repeats", "0", "--out", str(out),
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=1200, check=False)

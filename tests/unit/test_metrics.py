@@ -277,6 +277,11 @@ def test_summarize_samples_peaks_and_deltas():
     assert st.generation_tokens == 300.0  # from the sample at 0.0 to the one at 4.0
     assert st.preemptions == 0.0
     assert st.max_waiting is None  # not exposed: None, not 0
+    # The KV series for the report: window-relative times, the sample before and after.
+    assert [p[0] for p in st.series] == [-0.5, 0.5, 1.5, 2.5, 3.5]
+    assert [p[1] for p in st.series] == [0.0, 0.3, 0.7, 0.2, 0.0]
+    assert st.series[2][2] == 9 and st.series[2][3] is None
+    assert st.to_json()["series"][1] == [0.5, 0.3, 4, None]
     empty = summarize_samples([], failures=2)
     assert empty.samples == 0 and empty.failures == 2 and empty.generation_tokens is None
 

@@ -8,39 +8,15 @@ from typing import Any
 
 import click
 
-from tuner.cli.common import positive_int
-
-
-def _positive_float(
-    ctx: click.Context, param: click.Parameter, value: float | None
-) -> float | None:
-    if value is not None and not value > 0:
-        raise click.BadParameter(f"must be positive, got {value}")
-    return value
-
-
-def _non_negative(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    if value is not None and value < 0:
-        raise click.BadParameter(f"must be >= 0, got {value}")
-    return value
-
-
-def _length(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    from tuner.errors import ParameterError
-    from tuner.workload import LengthRange
-
-    if value is None:
-        return None
-    try:
-        return LengthRange.parse(value)
-    except ParameterError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    from tuner.slo import parse_slo
-
-    return None if value is None else parse_slo(value)
+from tuner.cli.common import (
+    engine_args_option,
+    length_option,
+    metrics_options,
+    non_negative,
+    positive_float,
+    positive_int,
+    slo_option,
+)
 
 
 @click.command()
@@ -56,6 +32,7 @@ def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     "engine_args",
     multiple=True,
     metavar="KEY=VALUE",
+    callback=engine_args_option,
     help="A vLLM engine setting, e.g. max_num_seqs=8 (repeatable).",
 )
 @click.option("--url", default=None, help="Measure this running server instead of starting one.")
@@ -65,13 +42,13 @@ def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     "--input-len",
     default="256",
     show_default=True,
-    callback=_length,
+    callback=length_option,
     help="Prompt tokens: N or LOW:HIGH.",
 )
 @click.option(
     "--output-len",
     default=None,
-    callback=_length,
+    callback=length_option,
     help="Output tokens: N or LOW:HIGH (default 128; with --dataset: the answers').",
 )
 @click.option(
@@ -84,7 +61,7 @@ def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     "--prefix-len",
     default=0,
     type=int,
-    callback=_non_negative,
+    callback=non_negative,
     help="Tokens of shared prefix per prompt.",
 )
 @click.option("--num-prefixes", default=1, type=int, callback=positive_int)
@@ -92,7 +69,7 @@ def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     "--rate",
     type=float,
     default=None,
-    callback=_positive_float,
+    callback=positive_float,
     help="Requests/s (Poisson; gamma with --burstiness). Default: all at once.",
 )
 @click.option(
@@ -100,7 +77,7 @@ def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     type=float,
     default=1.0,
     show_default=True,
-    callback=_positive_float,
+    callback=positive_float,
     help="1 Poisson, <1 burstier, inf constant spacing.",
 )
 @click.option(
@@ -115,7 +92,7 @@ def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     "--duration",
     type=float,
     default=None,
-    callback=_positive_float,
+    callback=positive_float,
     help="Stop sending after this many seconds instead of after --num-prompts.",
 )
 @click.option(
@@ -123,7 +100,7 @@ def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     type=int,
     default=2,
     show_default=True,
-    callback=_non_negative,
+    callback=non_negative,
     help="Warm-up requests, not measured.",
 )
 @click.option(
@@ -131,7 +108,7 @@ def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     type=float,
     default=300.0,
     show_default=True,
-    callback=_positive_float,
+    callback=positive_float,
     help="Per-request timeout in seconds.",
 )
 @click.option(
@@ -143,7 +120,7 @@ def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
 @click.option(
     "--slo",
     default=None,
-    callback=_slo,
+    callback=slo_option,
     help='SLO for goodput, e.g. "ttft:p95<500ms;tpot:p99<50ms".',
 )
 @click.option(
@@ -166,35 +143,32 @@ def _slo(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     "--startup-timeout",
     type=float,
     default=None,
-    callback=_positive_float,
+    callback=positive_float,
     help="Seconds to wait for vLLM to become healthy.",
 )
 @click.option("--no-scrape", is_flag=True, help="Do not scrape the server's /metrics.")
+@metrics_options
 def bench(**opts: Any) -> None:
     """Start vLLM (or use --url), run the load, print a table, write --json, stop vLLM."""
     from tuner import bench as core
+    from tuner.exporter import BenchExporter, exporting
 
     cfg = _config(opts)
-    result = core.run_bench(cfg, progress=lambda msg: click.echo(f"vtune: {msg}", err=True))
+    info = {"model": opts["model"], "gpu": opts["gpu_name"] or "cpu"}
+    with exporting(
+        BenchExporter, opts["metrics_port"], opts["metrics_host"], opts["pushgateway"], info=info
+    ) as exporter:
+        result = core.run_bench(
+            cfg, progress=lambda msg: click.echo(f"vtune: {msg}", err=True), observer=exporter
+        )
+        if exporter is not None and result.summary is not None:
+            exporter.finish(result.summary.to_json())
     _print(result)
     if opts["json_out"] is not None:
         path = core.write_json(result, opts["json_out"])
         click.echo(f"vtune: wrote {path}", err=True)
     if result.status != "ok":
         raise SystemExit(1)
-
-
-def _engine_args(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``("max_num_seqs=8", "enforce_eager", "x=false")`` -> {"max_num_seqs": "8", ...};
-    a bare key or true/false give a flag (``--x`` / ``--no-x``)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not key.strip():
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--engine-arg")
-        low = value.strip().lower()
-        out[key.strip()] = True if not sep or low == "true" else False if low == "false" else value
-    return out
 
 
 def _config(o: dict[str, Any]) -> Any:
@@ -206,7 +180,7 @@ def _config(o: dict[str, Any]) -> Any:
 
     engine = launch = None
     if o["url"] is None:
-        engine = EngineSettings.from_mapping(o["model"], _engine_args(o["engine_args"]))
+        engine = EngineSettings.from_mapping(o["model"], o["engine_args"])
         launch_kw: dict[str, Any] = {"device": core.device_for(o["gpu_name"]), "port": o["port"]}
         if o["startup_timeout"] is not None:
             launch_kw["startup_timeout_s"] = o["startup_timeout"]

@@ -120,8 +120,9 @@ def parse_scalar(text: str) -> Any:
     return text.strip()
 
 
-def engine_args_option(ctx: click.Context, param: click.Parameter, pairs: tuple[str, ...]
-                       ) -> dict[str, Any]:
+def engine_args_option(
+    ctx: click.Context, param: click.Parameter, pairs: tuple[str, ...]
+) -> dict[str, Any]:
     """click callback for repeatable ``--engine-arg KEY=VALUE``: a bare KEY is a flag (True);
     values are typed (``enforce_eager=true`` -> True, ``max_num_seqs=8`` -> 8)."""
     out: dict[str, Any] = {}
@@ -131,3 +132,56 @@ def engine_args_option(ctx: click.Context, param: click.Parameter, pairs: tuple[
             raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}")
         out[key.strip()] = parse_scalar(value) if sep else True
     return out
+
+
+def positive_float(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """click callback: reject zero, negative and NaN floats."""
+    if value is not None and not value > 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+def non_negative(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """click callback: reject negative integers."""
+    if value is not None and value < 0:
+        raise click.BadParameter(f"must be >= 0, got {value}")
+    return value
+
+
+def length_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """click callback: a token length ``N`` or range ``LOW:HIGH`` (tuner.workload.LengthRange)."""
+    from tuner.errors import ParameterError
+    from tuner.workload import LengthRange
+
+    if value is None:
+        return None
+    try:
+        return LengthRange.parse(value)
+    except ParameterError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def slo_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """click callback: an SLO string parsed by tuner.slo (SloError -> one line, exit 2)."""
+    from tuner.slo import parse_slo
+
+    return None if value is None else parse_slo(value)
+
+
+def metrics_options(fn: Any) -> Any:
+    """``--metrics-port``, ``--metrics-host`` and ``--pushgateway`` (search and bench)."""
+    fn = click.option(
+        "--pushgateway", default=None, help="Push vtune's metrics to this Pushgateway URL."
+    )(fn)
+    fn = click.option(
+        "--metrics-host",
+        default="127.0.0.1",
+        show_default=True,
+        help="Address the metrics endpoint binds.",
+    )(fn)
+    return click.option(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Serve vtune's Prometheus /metrics on this port while running.",
+    )(fn)

@@ -12,16 +12,30 @@ from tuner.cli.common import positive_int
 @click.command()
 @click.argument("profile", type=click.Path(path_type=Path))
 @click.option("--name", help="Object name (default: vllm-<model>).")
-@click.option("--image", help="vLLM image (default: the official image of the vLLM version "
-              "the profile was tuned with, from the record beside it).")
+@click.option(
+    "--image",
+    help="vLLM image (default: the official image of the vLLM version "
+    "the profile was tuned with, from the record beside it).",
+)
 @click.option("--namespace", help="Kubernetes namespace (default: the kubectl context's).")
 @click.option("--port", type=int, default=8000, show_default=True, callback=positive_int)
 @click.option("--replicas", type=int, default=1, show_default=True)
 @click.option("--gpus", type=int, help="GPUs per pod (default: tensor x pipeline parallel size).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Write DIR/<name>.yaml instead of printing.")
-def deploy(profile: Path, name: str | None, image: str | None, namespace: str | None, port: int,
-           replicas: int, gpus: int | None, out: Path | None) -> None:
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write DIR/<name>.yaml instead of printing.",
+)
+def deploy(
+    profile: Path,
+    name: str | None,
+    image: str | None,
+    namespace: str | None,
+    port: int,
+    replicas: int,
+    gpus: int | None,
+    out: Path | None,
+) -> None:
     """Render a ConfigMap (the PROFILE YAML as it is), a Deployment running
     `vllm serve --config` with it, and a Service. Apply with `kubectl apply -f`."""
     from tuner.deploy import (
@@ -46,8 +60,14 @@ def deploy(profile: Path, name: str | None, image: str | None, namespace: str | 
         record = profile.with_suffix(".json")
         version = read_json(record).get("vllm_version") if record.is_file() else None
         image = image_for_version(version)
-    spec = ServingSpec(name=name or default_name(config), image=image, namespace=namespace,
-                       port=port, replicas=replicas, gpus=gpus)
+    spec = ServingSpec(
+        name=name or default_name(config),
+        image=image,
+        namespace=namespace,
+        port=port,
+        replicas=replicas,
+        gpus=gpus,
+    )
     manifests = dump_manifests(
         render_serving(text, spec),
         header=f"Rendered by `vtune deploy {profile.name}`: serves {config['model']} with "

@@ -37,8 +37,9 @@ def gpus(as_json: bool, wide: bool) -> None:
     columns = dict(_COLUMNS)
     if wide:
         columns |= {"quantization": "--quantization", "kv_cache_dtypes": "--kv-cache-dtype"}
-    table = Table(title="GPU registry (dense peaks; sources in tuner/data/gpus.yaml)",
-                  title_justify="left")
+    table = Table(
+        title="GPU registry (dense peaks; sources in tuner/data/gpus.yaml)", title_justify="left"
+    )
     for title in columns.values():
         table.add_column(title, no_wrap=title == "name")
     for row in rows:
@@ -49,5 +50,7 @@ def gpus(as_json: bool, wide: bool) -> None:
         out.print("No NVIDIA GPU detected on this machine (no NVML / nvidia-smi).")
     for det in detected:
         spec = match_detected(det)
-        out.print(f"Detected GPU {det.index}: {det.name} ({det.memory_bytes / 2**30:.1f} GiB) -> "
-                  f"{spec.name if spec else 'not in the registry'}")
+        out.print(
+            f"Detected GPU {det.index}: {det.name} ({det.memory_bytes / 2**30:.1f} GiB) -> "
+            f"{spec.name if spec else 'not in the registry'}"
+        )

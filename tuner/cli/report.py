@@ -9,8 +9,11 @@ import click
 
 @click.command()
 @click.argument("record", metavar="PROFILE_JSON", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Output directory (default: <PROFILE_JSON without .json>-report).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output directory (default: <PROFILE_JSON without .json>-report).",
+)
 def report(record: Path, out: Path | None) -> None:
     """Write index.html and PNG plots for the search record PROFILE_JSON (the .json written
     beside the profile): throughput vs latency, the Pareto front, pruning, the estimator's

@@ -8,7 +8,15 @@ from typing import Any
 
 import click
 
-from tuner.cli.common import bytes_option, engine_args_option, positive_int
+from tuner.cli.common import (
+    bytes_option,
+    engine_args_option,
+    length_option,
+    metrics_options,
+    non_negative,
+    positive_float,
+    positive_int,
+)
 
 
 def _key_value(
@@ -21,30 +29,6 @@ def _key_value(
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
         out.append((key.strip(), value.strip()))
     return tuple(out)
-
-
-def _positive_float(
-    ctx: click.Context, param: click.Parameter, value: float | None
-) -> float | None:
-    if value is not None and not value > 0:
-        raise click.BadParameter(f"must be positive, got {value}")
-    return value
-
-
-def _non_negative(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    if value is not None and value < 0:
-        raise click.BadParameter(f"must be >= 0, got {value}")
-    return value
-
-
-def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
-    from tuner.errors import ParameterError
-    from tuner.workload import LengthRange
-
-    try:
-        return LengthRange.parse(value)
-    except ParameterError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 @click.command()
@@ -61,7 +45,7 @@ def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
     "--rate",
     "latency_rate",
     type=float,
-    callback=_positive_float,
+    callback=positive_float,
     help="With --objective latency: the request rate to measure latency at.",
 )
 @click.option(
@@ -71,7 +55,7 @@ def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
     help="Measured trials at most (the vLLM-defaults baseline included).",
 )
 @click.option(
-    "--time-budget", type=float, callback=_positive_float, help="Seconds for the trial phase."
+    "--time-budget", type=float, callback=positive_float, help="Seconds for the trial phase."
 )
 @click.option(
     "--param",
@@ -102,7 +86,7 @@ def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
 @click.option(
     "--max-quality-loss",
     type=float,
-    callback=_positive_float,
+    callback=positive_float,
     help="Drop variants whose perplexity on the calibration texts rises more than this %.",
 )
 @click.option("--calib", default=None, help="Calibration texts (default: vtune's bundled set).")
@@ -118,14 +102,14 @@ def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
     "--input-len",
     default="256",
     show_default=True,
-    callback=_length,
+    callback=length_option,
     help="Prompt tokens: N or LOW:HIGH.",
 )
 @click.option(
     "--output-len",
     default="128",
     show_default=True,
-    callback=_length,
+    callback=length_option,
     help="Output tokens: N or LOW:HIGH.",
 )
 @click.option("--dataset", type=click.Path(path_type=Path), help="ShareGPT-format JSON file.")
@@ -133,7 +117,7 @@ def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
     "--prefix-len",
     type=int,
     default=0,
-    callback=_non_negative,
+    callback=non_negative,
     help="Tokens of shared prefix per prompt.",
 )
 @click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions")
@@ -141,13 +125,13 @@ def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
 @click.option(
     "--kv-cache-memory-bytes", callback=bytes_option, help="Fix the KV pool (default on cpu: 1GiB)."
 )
-@click.option("--finalists", type=int, default=3, show_default=True, callback=_non_negative)
+@click.option("--finalists", type=int, default=3, show_default=True, callback=non_negative)
 @click.option(
     "--repeats",
     type=int,
     default=2,
     show_default=True,
-    callback=_non_negative,
+    callback=non_negative,
     help="Re-runs of each finalist (0: no noise check).",
 )
 @click.option(
@@ -162,7 +146,7 @@ def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
     type=float,
     default=10.0,
     show_default=True,
-    callback=_positive_float,
+    callback=positive_float,
     help="Load duration of each measured rate.",
 )
 @click.option(
@@ -170,7 +154,7 @@ def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
     type=int,
     default=3,
     show_default=True,
-    callback=_non_negative,
+    callback=non_negative,
     help="Bisection steps of the rate search.",
 )
 @click.option(
@@ -187,12 +171,10 @@ def _length(ctx: click.Context, param: click.Parameter, value: str) -> Any:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan; launch nothing.")
 @click.option(
-    "--startup-timeout", type=float, default=600.0, show_default=True, callback=_positive_float
+    "--startup-timeout", type=float, default=600.0, show_default=True, callback=positive_float
 )
 @click.option("--vllm-python", default=None, help="Python that has vLLM (default: this one).")
-@click.option("--metrics-port", type=int, default=None, help="Serve vtune's /metrics here.")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True)
-@click.option("--pushgateway", default=None, help="Push metrics after each trial to this URL.")
+@metrics_options
 def search(**o: Any) -> None:
     """Search vLLM settings for the best throughput under an SLO and write the profile."""
     from tuner import tune
@@ -222,6 +204,7 @@ def search(**o: Any) -> None:
     ) as exporter:
         from tuner.events import Fanout
 
+        tune.check_storage(prep)  # after the port check: a taken port must not create a study
         with SearchProgress() as progress:
             outcome = tune.run_search(prep, Fanout([progress, exporter]))
     print_search_result(outcome)

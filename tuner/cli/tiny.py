@@ -8,8 +8,13 @@ import click
 
 
 @click.command("tiny-model")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Directory (default: $VTUNE_TINY_MODEL_DIR or ./.vtune/models/tiny-llama).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory (default: $VTUNE_TINY_MODEL_DIR or ./.vtune/models/tiny-llama).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 def tiny_model(out_dir: Path | None, seed: int) -> None:
     """Write a random-weight Llama (GQA, head_dim 64) with a tokenizer trained on the spot.
