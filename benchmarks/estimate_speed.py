@@ -21,11 +21,31 @@ sys.path.insert(0, str(ROOT))
 
 COMMANDS = {
     "python -c pass": [sys.executable, "-c", "pass"],
-    "vtune estimate --json": [sys.executable, "-m", "tuner", "estimate", "--model",
-                              "llama-3.1-8b", "--gpu", "h100", "--max-model-len", "8192",
-                              "--json"],
-    "vtune estimate (table)": [sys.executable, "-m", "tuner", "estimate", "--model",
-                               "llama-3.1-8b", "--gpu", "h100", "--max-model-len", "8192"],
+    "vtune estimate --json": [
+        sys.executable,
+        "-m",
+        "tuner",
+        "estimate",
+        "--model",
+        "llama-3.1-8b",
+        "--gpu",
+        "h100",
+        "--max-model-len",
+        "8192",
+        "--json",
+    ],
+    "vtune estimate (table)": [
+        sys.executable,
+        "-m",
+        "tuner",
+        "estimate",
+        "--model",
+        "llama-3.1-8b",
+        "--gpu",
+        "h100",
+        "--max-model-len",
+        "8192",
+    ],
 }
 
 
@@ -64,8 +84,7 @@ def main() -> None:
         print(f"{name:28s} {med:10.4f} {max(times):8.4f} {med / bare:14.1f}")
     cli = statistics.median(results["vtune estimate --json"])
     verdict = "OK" if cli < 1.0 else "TOO SLOW"
-    print(f"\nvtune estimate: {cli:.3f} s median over {args.runs} runs "
-          f"(target < 1 s): {verdict}")
+    print(f"\nvtune estimate: {cli:.3f} s median over {args.runs} runs (target < 1 s): {verdict}")
 
 
 if __name__ == "__main__":

@@ -80,16 +80,21 @@ class _Process:
         last = ""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                pytest.fail(f"{self.name} exited with {self.proc.returncode} while starting:\n"
-                            f"{self.log_tail()}", pytrace=False)
+                pytest.fail(
+                    f"{self.name} exited with {self.proc.returncode} while starting:\n"
+                    f"{self.log_tail()}",
+                    pytrace=False,
+                )
             try:
                 http_get(self.url + path, timeout=2)
                 return
             except (urllib.error.URLError, OSError) as exc:
                 last = str(exc)
             time.sleep(0.2)
-        pytest.fail(f"{self.name} not ready after {timeout_s:g}s ({last}):\n{self.log_tail()}",
-                    pytrace=False)
+        pytest.fail(
+            f"{self.name} not ready after {timeout_s:g}s ({last}):\n{self.log_tail()}",
+            pytrace=False,
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -106,8 +111,14 @@ class _Process:
 def _start(name: str, argv: list[str], url: str, workdir: Path) -> _Process:
     log = workdir / f"{name}.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+            start_new_session=True,
+        )
     return _Process(name, proc, url, log)
 
 
@@ -145,8 +156,12 @@ class PromHandle:
         """Metric names Prometheus holds now that match ``regex``."""
         return {r["metric"]["__name__"] for r in self.query(f'{{__name__=~"{regex}"}}')}
 
-    def wait_for(self, expr: str, timeout_s: float = 30.0,
-                 check: Callable[[list[dict[str, Any]]], bool] = bool) -> list[dict[str, Any]]:
+    def wait_for(
+        self,
+        expr: str,
+        timeout_s: float = 30.0,
+        check: Callable[[list[dict[str, Any]]], bool] = bool,
+    ) -> list[dict[str, Any]]:
         """Poll ``expr`` until ``check(result)`` holds (default: any series), then return the
         result; fails the test with the targets' state after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
@@ -156,25 +171,36 @@ class PromHandle:
             if check(result):
                 return result
             time.sleep(0.25)
-        pytest.fail(f"Prometheus: {expr} -> {result} after {timeout_s:g}s; targets: "
-                    f"{[(t['scrapeUrl'], t['health'], t['lastError']) for t in self.targets()]}",
-                    pytrace=False)
+        pytest.fail(
+            f"Prometheus: {expr} -> {result} after {timeout_s:g}s; targets: "
+            f"{[(t['scrapeUrl'], t['health'], t['lastError']) for t in self.targets()]}",
+            pytrace=False,
+        )
 
 
-def prometheus_config(jobs: Mapping[str, Sequence[str]], scrape_interval_s: float = 1.0,
-                      honor_labels: Sequence[str] = ()) -> str:
+def prometheus_config(
+    jobs: Mapping[str, Sequence[str]],
+    scrape_interval_s: float = 1.0,
+    honor_labels: Sequence[str] = (),
+) -> str:
     """A prometheus.yml scraping each job's targets every ``scrape_interval_s``."""
     import yaml
 
     interval = f"{int(scrape_interval_s * 1000)}ms"
-    return yaml.safe_dump({
-        "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        "scrape_configs": [
-            {"job_name": job, "honor_labels": job in honor_labels,
-             "static_configs": [{"targets": list(targets)}]}
-            for job, targets in jobs.items()
-        ],
-    }, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "global": {"scrape_interval": interval, "evaluation_interval": interval},
+            "scrape_configs": [
+                {
+                    "job_name": job,
+                    "honor_labels": job in honor_labels,
+                    "static_configs": [{"targets": list(targets)}],
+                }
+                for job, targets in jobs.items()
+            ],
+        },
+        sort_keys=False,
+    )
 
 
 @contextlib.contextmanager
@@ -196,12 +222,20 @@ def running_prometheus(
         config.write_text(prometheus_config(jobs, scrape_interval_s, honor_labels))
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = _start("prometheus", [
-            binary, f"--config.file={config}", f"--storage.tsdb.path={work / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--web.console.templates=" + str(work), "--web.console.libraries=" + str(work),
-            "--log.level=warn",
-        ], url, work)
+        proc = _start(
+            "prometheus",
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={work / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--web.console.templates=" + str(work),
+                "--web.console.libraries=" + str(work),
+                "--log.level=warn",
+            ],
+            url,
+            work,
+        )
         try:
             proc.wait_ready("/-/ready", ready_timeout_s)
             yield PromHandle(url, config, proc)
@@ -236,8 +270,12 @@ def running_pushgateway(ready_timeout_s: float = 30.0) -> Iterator[PushgatewayHa
     with tempfile.TemporaryDirectory(prefix="vtune-pushgw-") as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = _start("pushgateway", [binary, f"--web.listen-address=127.0.0.1:{port}",
-                                      "--log.level=warn"], url, Path(tmp))
+        proc = _start(
+            "pushgateway",
+            [binary, f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            url,
+            Path(tmp),
+        )
         try:
             proc.wait_ready("/-/ready", ready_timeout_s)
             yield PushgatewayHandle(url, f"127.0.0.1:{port}", proc)

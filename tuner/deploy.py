@@ -114,14 +114,18 @@ def render_serving(profile_text: str, spec: ServingSpec) -> list[dict[str, Any]]
     """ConfigMap, Deployment and Service for ``profile_text`` (kept exactly as given)."""
     config = parse_profile(profile_text)
     gpus = spec.gpus if spec.gpus is not None else gpus_for(config)
-    labels = {"app.kubernetes.io/name": spec.name, "app.kubernetes.io/part-of": "vtune",
-              "app.kubernetes.io/component": "serving"}
+    labels = {
+        "app.kubernetes.io/name": spec.name,
+        "app.kubernetes.io/part-of": "vtune",
+        "app.kubernetes.io/component": "serving",
+    }
     meta = {"name": spec.name, "labels": dict(labels)}
     if spec.namespace:
         meta["namespace"] = spec.namespace
     digest = hashlib.sha256(profile_text.encode()).hexdigest()
     configmap = {
-        "apiVersion": "v1", "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
         "metadata": {**meta, "name": f"{spec.name}-profile"},
         "data": {PROFILE_KEY: profile_text},
     }
@@ -130,11 +134,16 @@ def render_serving(profile_text: str, spec: ServingSpec) -> list[dict[str, Any]]
         "name": "vllm",
         "image": spec.image,
         "command": ["vllm"],
-        "args": ["serve", "--config", PROFILE_PATH, "--host", "0.0.0.0",
-                 "--port", str(spec.port)],
+        "args": ["serve", "--config", PROFILE_PATH, "--host", "0.0.0.0", "--port", str(spec.port)],
         "ports": [{"name": "http", "containerPort": spec.port}],
-        "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": spec.hf_token_secret, "key": "token", "optional": True}}}],
+        "env": [
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {
+                    "secretKeyRef": {"name": spec.hf_token_secret, "key": "token", "optional": True}
+                },
+            }
+        ],
         "resources": {"limits": {"nvidia.com/gpu": gpus}} if gpus else {},
         "volumeMounts": [
             {"name": "profile", "mountPath": PROFILE_DIR, "readOnly": True},
@@ -147,7 +156,9 @@ def render_serving(profile_text: str, spec: ServingSpec) -> list[dict[str, Any]]
         "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 3},
     }
     deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": {"app.kubernetes.io/name": spec.name}},
@@ -173,7 +184,9 @@ def render_serving(profile_text: str, spec: ServingSpec) -> list[dict[str, Any]]
         },
     }
     service = {
-        "apiVersion": "v1", "kind": "Service", "metadata": meta,
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
         "spec": {
             "selector": {"app.kubernetes.io/name": spec.name},
             "ports": [{"name": "http", "port": spec.port, "targetPort": "http"}],
@@ -211,7 +224,13 @@ def dump_manifests(docs: Sequence[Mapping[str, Any]], header: str = "") -> str:
             return _Literal(value)
         return value
 
-    body = yaml.dump_all([mark(d) for d in docs], Dumper=_Dumper, sort_keys=False,
-                         default_flow_style=False, explicit_start=True, width=100)
+    body = yaml.dump_all(
+        [mark(d) for d in docs],
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        explicit_start=True,
+        width=100,
+    )
     prefix = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
     return prefix + body

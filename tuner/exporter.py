@@ -152,8 +152,11 @@ class Pushgateway:
 
         try:
             push_to_gateway(
-                self.url, job=self.job, registry=registry,
-                grouping_key=self.grouping, timeout=self.timeout_s,
+                self.url,
+                job=self.job,
+                registry=registry,
+                grouping_key=self.grouping,
+                timeout=self.timeout_s,
             )
         except Exception as exc:  # any failure (DNS, refused, HTTP 5xx) only warns
             self.failures += 1
@@ -231,8 +234,9 @@ class SearchExporter:
         self.pushgateway = pushgateway
         r = self.registry
         self.info = Info("vtune", "What this vtune search runs", registry=r)
-        self.info.info({"version": __version__, **{k: _label_value(v) for k, v in
-                                                   (info or {}).items()}})
+        self.info.info(
+            {"version": __version__, **{k: _label_value(v) for k, v in (info or {}).items()}}
+        )
         self.phase = Gauge("vtune_phase", "1 for the current search phase", ["phase"], registry=r)
         self._phases = list(PHASES)
         for p in PHASES:
@@ -247,28 +251,51 @@ class SearchExporter:
         self._running_info = _RunningTrial()
         r.register(self._running_info)
         self.points = Counter("vtune_points_measured", "Load points measured", registry=r)
-        self.out_tps = Gauge("vtune_last_trial_output_throughput",
-                             "Output tokens/s at the last complete trial's point", registry=r)
-        self.req_tps = Gauge("vtune_last_trial_request_throughput",
-                             "Requests/s at the last complete trial's point", registry=r)
-        self.latency = Gauge("vtune_last_trial_latency_seconds",
-                             "Latency percentiles at the last complete trial's chosen point",
-                             ["metric", "stat"], registry=r)
-        self.last_objective = Gauge("vtune_last_trial_objective",
-                                    "Objective of the last complete trial", registry=r)
-        self.peak_kv = Gauge("vtune_last_trial_peak_kv_cache_usage",
-                             "vLLM's peak KV-cache usage (0..1) in the last trial", registry=r)
-        self.preemptions = Gauge("vtune_last_trial_preemptions",
-                                 "vLLM's preemptions in the last trial", registry=r)
-        self.best_goodput = Gauge("vtune_best_goodput",
-                                  "Best requests/s meeting the SLO so far", registry=r)
+        self.out_tps = Gauge(
+            "vtune_last_trial_output_throughput",
+            "Output tokens/s at the last complete trial's point",
+            registry=r,
+        )
+        self.req_tps = Gauge(
+            "vtune_last_trial_request_throughput",
+            "Requests/s at the last complete trial's point",
+            registry=r,
+        )
+        self.latency = Gauge(
+            "vtune_last_trial_latency_seconds",
+            "Latency percentiles at the last complete trial's chosen point",
+            ["metric", "stat"],
+            registry=r,
+        )
+        self.last_objective = Gauge(
+            "vtune_last_trial_objective", "Objective of the last complete trial", registry=r
+        )
+        self.peak_kv = Gauge(
+            "vtune_last_trial_peak_kv_cache_usage",
+            "vLLM's peak KV-cache usage (0..1) in the last trial",
+            registry=r,
+        )
+        self.preemptions = Gauge(
+            "vtune_last_trial_preemptions", "vLLM's preemptions in the last trial", registry=r
+        )
+        self.best_goodput = Gauge(
+            "vtune_best_goodput", "Best requests/s meeting the SLO so far", registry=r
+        )
         self.best_objective = Gauge("vtune_best_objective", "Best objective so far", registry=r)
         self.gain = Gauge("vtune_gain_ratio", "Best / baseline objective", registry=r)
         self._best_goodput: float | None = None
         self._best_objective: float | None = None
         # Nothing measured yet reads NaN (Grafana shows a gap), never a made-up 0.
-        for gauge in (self.out_tps, self.req_tps, self.last_objective, self.peak_kv,
-                      self.preemptions, self.best_goodput, self.best_objective, self.gain):
+        for gauge in (
+            self.out_tps,
+            self.req_tps,
+            self.last_objective,
+            self.peak_kv,
+            self.preemptions,
+            self.best_goodput,
+            self.best_objective,
+            self.gain,
+        ):
             gauge.set(math.nan)
         for metric in LATENCY_METRICS:
             for stat in LATENCY_STATS:
@@ -358,12 +385,69 @@ def _set(gauge: Any, value: Any) -> None:
 # --- the bench --------------------------------------------------------------------------------
 
 # Bucket bounds in seconds, close to vLLM's own so the two can be read side by side.
-TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
-TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
-                 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
-E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-               120.0, 240.0, 480.0, 960.0)
+TTFT_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
+TOKEN_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
+E2E_BUCKETS = (
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+)
 
 
 class BenchExporter:
@@ -386,27 +470,43 @@ class BenchExporter:
         Info("vtune_bench", "What this vtune bench runs", registry=r).info(
             {"version": __version__, **{k: _label_value(v) for k, v in (info or {}).items()}}
         )
-        self.requests = Counter("vtune_bench_requests", "Requests finished, by status",
-                                ["status"], registry=r)
+        self.requests = Counter(
+            "vtune_bench_requests", "Requests finished, by status", ["status"], registry=r
+        )
         for status in ("ok", "error"):
             self.requests.labels(status)
         self.in_flight = Gauge("vtune_bench_requests_in_flight", "Requests in flight", registry=r)
-        self.output_tokens = Counter("vtune_bench_output_tokens", "Output tokens received",
-                                     registry=r)
-        self.prompt_tokens = Counter("vtune_bench_prompt_tokens", "Prompt tokens sent",
-                                     registry=r)
-        self.ttft = Histogram("vtune_bench_ttft_seconds", "Time to first token",
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("vtune_bench_tpot_seconds", "Time per output token (after the first)",
-                              buckets=TOKEN_BUCKETS, registry=r)
-        self.itl = Histogram("vtune_bench_itl_seconds", "Inter-token latency (every gap)",
-                             buckets=TOKEN_BUCKETS, registry=r)
-        self.e2el = Histogram("vtune_bench_e2el_seconds", "End-to-end request latency",
-                              buckets=E2E_BUCKETS, registry=r)
-        self.output_tps = Gauge("vtune_bench_output_throughput",
-                                "Output tokens/s of the finished run", registry=r)
-        self.request_tps = Gauge("vtune_bench_request_throughput",
-                                 "Requests/s of the finished run", registry=r)
+        self.output_tokens = Counter(
+            "vtune_bench_output_tokens", "Output tokens received", registry=r
+        )
+        self.prompt_tokens = Counter("vtune_bench_prompt_tokens", "Prompt tokens sent", registry=r)
+        self.ttft = Histogram(
+            "vtune_bench_ttft_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "vtune_bench_tpot_seconds",
+            "Time per output token (after the first)",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "vtune_bench_itl_seconds",
+            "Inter-token latency (every gap)",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2el = Histogram(
+            "vtune_bench_e2el_seconds",
+            "End-to-end request latency",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.output_tps = Gauge(
+            "vtune_bench_output_throughput", "Output tokens/s of the finished run", registry=r
+        )
+        self.request_tps = Gauge(
+            "vtune_bench_request_throughput", "Requests/s of the finished run", registry=r
+        )
         self.output_tps.set(math.nan)
         self.request_tps.set(math.nan)
         self._flying = 0
@@ -429,8 +529,11 @@ class BenchExporter:
         self.requests.labels("ok").inc()
         self.prompt_tokens.inc(max(0, record.prompt_len))
         self.output_tokens.inc(max(0, record.num_output))
-        for hist, value in ((self.ttft, record.ttft), (self.tpot, record.tpot),
-                            (self.e2el, record.e2el)):
+        for hist, value in (
+            (self.ttft, record.ttft),
+            (self.tpot, record.tpot),
+            (self.e2el, record.e2el),
+        ):
             if value is not None and value >= 0:
                 hist.observe(value)
         for gap in record.itl:
@@ -469,8 +572,9 @@ def exporting(
         yield None
         return
     default_job = "vtune-bench" if kind is BenchExporter else "vtune-search"
-    gateway = (Pushgateway(pushgateway, job=job or default_job, grouping=grouping)
-               if pushgateway else None)
+    gateway = (
+        Pushgateway(pushgateway, job=job or default_job, grouping=grouping) if pushgateway else None
+    )
     exporter = kind(pushgateway=gateway, info=info)
     server = start_exporter(port, host, exporter.registry) if port is not None else None
     if server is not None:

@@ -46,6 +46,7 @@ _DTYPE_FALLBACK = {"fp16": "bf16", "bf16": "fp16"}
 _CPU_FP8_WEIGHT_FLAGS = frozenset({"amx_tile"})
 _CPU_FP8_KV_FLAGS = frozenset({"avx512f", "amx_tile"})
 
+
 @dataclass(frozen=True)
 class GpuSpec:
     """One accelerator as the estimator and the search see it.

@@ -58,8 +58,14 @@ MAX_LINES = 10
 def highlighted(views: Sequence[TrialView], limit: int) -> list[TrialView]:
     """At most ``limit`` trials to draw in full: the best, the baseline, then the highest
     objectives; in trial order."""
-    ranked = sorted(views, key=lambda v: (not v.is_best, not v.baseline,
-                                          -(v.objective if v.objective is not None else -1e300)))
+    ranked = sorted(
+        views,
+        key=lambda v: (
+            not v.is_best,
+            not v.baseline,
+            -(v.objective if v.objective is not None else -1e300),
+        ),
+    )
     keep = {id(v) for v in ranked[:limit]}
     return [v for v in views if id(v) in keep]
 
@@ -105,8 +111,9 @@ def _load_label(point: Mapping[str, Any]) -> str:
     return f"c={load.get('concurrency')}" if load.get("concurrency") else "?"
 
 
-def plot_throughput_latency(record: Mapping[str, Any], views: Sequence[TrialView],
-                            path: Path) -> Path | None:
+def plot_throughput_latency(
+    record: Mapping[str, Any], views: Sequence[TrialView], path: Path
+) -> Path | None:
     """Output throughput against TPOT and TTFT: each trial's load points as a line, its chosen
     point as a big marker (star: best, square: baseline), the SLO as a dashed line."""
     measured = [v for v in views if v.points]
@@ -133,12 +140,28 @@ def plot_throughput_latency(record: Mapping[str, Any], views: Sequence[TrialView
             x, y = v.latency_ms.get(f"{stat}_{metric}"), v.output_throughput
             if x is not None and y is not None:
                 m, size = _marker(v)
-                ax.scatter([x], [y], marker=m, s=size, color=colors[v.name],
-                           edgecolor="black", linewidth=0.8, zorder=3)
+                ax.scatter(
+                    [x],
+                    [y],
+                    marker=m,
+                    s=size,
+                    color=colors[v.name],
+                    edgecolor="black",
+                    linewidth=0.8,
+                    zorder=3,
+                )
         if limit is not None:
             ax.axvline(limit, color="#d62728", ls="--", lw=1.2)
-            ax.text(limit, 1.0, f" SLO {stat} < {limit:g} ms", color="#d62728", fontsize=9,
-                    va="top", ha="left", transform=ax.get_xaxis_transform())
+            ax.text(
+                limit,
+                1.0,
+                f" SLO {stat} < {limit:g} ms",
+                color="#d62728",
+                fontsize=9,
+                va="top",
+                ha="left",
+                transform=ax.get_xaxis_transform(),
+            )
         xs = [x for v in measured for x, _ in (_point_xy(p, key) for p in v.points) if x]
         if xs and min(xs) > 0 and max(xs) / min(xs) > 10:
             ax.set_xscale("log")  # TTFT explodes past capacity; keep the SLO region readable
@@ -149,17 +172,45 @@ def plot_throughput_latency(record: Mapping[str, Any], views: Sequence[TrialView
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("output throughput (tokens/s)")
     axes[0].set_ylim(bottom=0)
-    handles = [plt.Line2D([], [], color=colors[v.name], marker=_marker(v)[0], ls="-",
-                          markersize=9 if v.is_best else 6,
-                          label=v.label + (" (best)" if v.is_best else "")
-                          + (" (baseline)" if v.baseline else "")) for v in shown]
+    handles = [
+        plt.Line2D(
+            [],
+            [],
+            color=colors[v.name],
+            marker=_marker(v)[0],
+            ls="-",
+            markersize=9 if v.is_best else 6,
+            label=v.label
+            + (" (best)" if v.is_best else "")
+            + (" (baseline)" if v.baseline else ""),
+        )
+        for v in shown
+    ]
     if others:
-        handles.append(plt.Line2D([], [], color=DIM, marker="o", ls="", markeredgecolor=OTHER,
-                                  label=f"{len(others)} other trials (chosen point only)"))
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
-               ncol=min(3, len(handles)), fontsize=9, frameon=False)
-    fig.suptitle("Each line: one trial's measured load points; big marker: its chosen point",
-                 fontsize=10, y=0.995)
+        handles.append(
+            plt.Line2D(
+                [],
+                [],
+                color=DIM,
+                marker="o",
+                ls="",
+                markeredgecolor=OTHER,
+                label=f"{len(others)} other trials (chosen point only)",
+            )
+        )
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(3, len(handles)),
+        fontsize=9,
+        frameon=False,
+    )
+    fig.suptitle(
+        "Each line: one trial's measured load points; big marker: its chosen point",
+        fontsize=10,
+        y=0.995,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -180,20 +231,45 @@ def plot_pareto(record: Mapping[str, Any], views: Sequence[TrialView], path: Pat
     front = sorted(((x, y, v) for v, x, y in pts if v.name in on_front), key=lambda t: t[0])
     rest = [(x, y, v) for v, x, y in pts if v.name not in on_front]
     if rest:
-        ax.scatter([r[0] for r in rest], [r[1] for r in rest], color=DIM, s=50,
-                   edgecolor=OTHER, label="dominated")
+        ax.scatter(
+            [r[0] for r in rest],
+            [r[1] for r in rest],
+            color=DIM,
+            s=50,
+            edgecolor=OTHER,
+            label="dominated",
+        )
     if front:
-        ax.step([f[0] for f in front], [f[1] for f in front], where="post", color=BEST,
-                lw=1.5, alpha=0.7)
-        ax.scatter([f[0] for f in front], [f[1] for f in front], color=BEST, s=70,
-                   edgecolor="black", zorder=3, label="Pareto front")
+        ax.step(
+            [f[0] for f in front],
+            [f[1] for f in front],
+            where="post",
+            color=BEST,
+            lw=1.5,
+            alpha=0.7,
+        )
+        ax.scatter(
+            [f[0] for f in front],
+            [f[1] for f in front],
+            color=BEST,
+            s=70,
+            edgecolor="black",
+            zorder=3,
+            label="Pareto front",
+        )
     crowded = len(front) > 8  # names would overlap: short tags, the table has the names
     for x, y, v in front + (rest if len(pts) <= 20 else []):
         text = v.label if v.name in on_front and not crowded else v.tag
         if v.is_best:
             text += " (best)"
-        ax.annotate(text, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8,
-                    color="black" if v.name in on_front else OTHER)
+        ax.annotate(
+            text,
+            (x, y),
+            xytext=(6, 4),
+            textcoords="offset points",
+            fontsize=8,
+            color="black" if v.name in on_front else OTHER,
+        )
     if limit is not None:
         ax.axvline(limit, color="#d62728", ls="--", lw=1.2, label=f"SLO {stat} TPOT < {limit:g} ms")
     ax.set_xlabel(f"{stat} TPOT (ms) at the chosen point — lower is better")
@@ -280,12 +356,23 @@ def _draw_knob_scatter(ax: Any, kx: str, ky: str, pts: list[tuple[Any, Any, str,
         xs = [x for x, _, k, lab in pts if k == "plan" and lab == r]
         ys = [y for _, y, k, lab in pts if k == "plan" and lab == r]
         ax.scatter(xs, ys, marker="x", s=60, color=rule_colors[r], label=f"pruned: {r}")
-    for state, color, marker in (("complete", BEST, "o"), ("failed", "#d62728", "X"),
-                                 ("pruned", "#ffbb78", "v")):  # sampled, then pruned
+    for state, color, marker in (
+        ("complete", BEST, "o"),
+        ("failed", "#d62728", "X"),
+        ("pruned", "#ffbb78", "v"),
+    ):  # sampled, then pruned
         sel = [(x, y, lab) for x, y, k, lab in pts if k == state]
         if sel:
-            ax.scatter([s[0] for s in sel], [s[1] for s in sel], marker=marker, s=90,
-                       color=color, edgecolor="black", label=f"trial: {state}", zorder=3)
+            ax.scatter(
+                [s[0] for s in sel],
+                [s[1] for s in sel],
+                marker=marker,
+                s=90,
+                color=color,
+                edgecolor="black",
+                label=f"trial: {state}",
+                zorder=3,
+            )
             for x, y, lab in sel:
                 ax.annotate(lab, (x, y), xytext=(6, 5), textcoords="offset points", fontsize=8)
     for axis, knob in ((ax.xaxis, kx), (ax.yaxis, ky)):
@@ -299,11 +386,15 @@ def _draw_knob_scatter(ax: Any, kx: str, ky: str, pts: list[tuple[Any, Any, str,
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def plot_estimate_error(record: Mapping[str, Any], views: Sequence[TrialView],
-                        path: Path) -> Path | None:
+def plot_estimate_error(
+    record: Mapping[str, Any], views: Sequence[TrialView], path: Path
+) -> Path | None:
     """The estimator's predicted decode throughput against the highest measured one."""
-    pts = [(v, v.predicted_tps, v.measured_max_tps) for v in views
-           if v.predicted_tps and v.measured_max_tps]
+    pts = [
+        (v, v.predicted_tps, v.measured_max_tps)
+        for v in views
+        if v.predicted_tps and v.measured_max_tps
+    ]
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
@@ -312,21 +403,36 @@ def plot_estimate_error(record: Mapping[str, Any], views: Sequence[TrialView],
     log = hi / lo > 20
     grid = [lo, hi]
     ax.plot(grid, grid, color="black", lw=1, label="measured = predicted")
-    ax.fill_between(grid, [g * 0.75 for g in grid], [g * 1.25 for g in grid], color=DIM,
-                    alpha=0.35, label="±25 %")
+    ax.fill_between(
+        grid,
+        [g * 0.75 for g in grid],
+        [g * 1.25 for g in grid],
+        color=DIM,
+        alpha=0.35,
+        label="±25 %",
+    )
     shown = {v.name for v in highlighted([p[0] for p in pts], MAX_LINES)}
     colors = _colors([p[0] for p in pts if p[0].name in shown])
     for v, x, y in pts:
         m, size = _marker(v)
         color = colors.get(v.name, DIM)
-        ax.scatter([x], [y], marker=m, s=size, color=color, edgecolor="black",
-                   zorder=4 if v.name in shown else 3)
+        ax.scatter(
+            [x],
+            [y],
+            marker=m,
+            s=size,
+            color=color,
+            edgecolor="black",
+            zorder=4 if v.name in shown else 3,
+        )
         if v.name in shown:  # the rest stay unlabelled: labels would pile up
-            ax.annotate(v.tag, (x, y), xytext=(6, -10), textcoords="offset points",
-                        fontsize=8)
+            ax.annotate(v.tag, (x, y), xytext=(6, -10), textcoords="offset points", fontsize=8)
     ratios = sorted(y / x for _, x, y in pts)
-    median = ratios[len(ratios) // 2] if len(ratios) % 2 else math.sqrt(
-        ratios[len(ratios) // 2 - 1] * ratios[len(ratios) // 2])
+    median = (
+        ratios[len(ratios) // 2]
+        if len(ratios) % 2
+        else math.sqrt(ratios[len(ratios) // 2 - 1] * ratios[len(ratios) // 2])
+    )
     if log:
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -335,16 +441,20 @@ def plot_estimate_error(record: Mapping[str, Any], views: Sequence[TrialView],
     ax.set_aspect("equal")
     ax.set_xlabel("predicted decode throughput (tokens/s, estimator)")
     ax.set_ylabel("measured output throughput (tokens/s, highest load point)")
-    ax.set_title(f"Estimator error: measured / predicted, median ×{median:.2f} "
-                 f"(range ×{ratios[0]:.2f}–×{ratios[-1]:.2f})", fontsize=10)
+    ax.set_title(
+        f"Estimator error: measured / predicted, median ×{median:.2f} "
+        f"(range ×{ratios[0]:.2f}–×{ratios[-1]:.2f})",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=9, loc="upper left")
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_kv_usage(record: Mapping[str, Any], views: Sequence[TrialView], path: Path,
-                  max_panels: int = 12) -> Path | None:
+def plot_kv_usage(
+    record: Mapping[str, Any], views: Sequence[TrialView], path: Path, max_panels: int = 12
+) -> Path | None:
     """vLLM's KV-cache usage over each trial (one panel per trial, its load points in turn,
     shaded and labelled with their rate), with requests running and waiting beneath."""
     series = []
@@ -361,8 +471,7 @@ def plot_kv_usage(record: Mapping[str, Any], views: Sequence[TrialView], path: P
     series = sorted(series[:max_panels], key=lambda vs: vs[0].number or 0)
     cols = 2 if len(series) > 1 else 1
     rows = math.ceil(len(series) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 2.9 * rows), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 2.9 * rows), squeeze=False, sharey=True)
     for ax, (v, segs) in zip(axes.flat, series, strict=False):
         offset = 0.0
         twin = ax.twinx()
@@ -376,54 +485,97 @@ def plot_kv_usage(record: Mapping[str, Any], views: Sequence[TrialView], path: P
             ax.plot(t, kv, color=BASELINE, lw=1.6)
             twin.plot(t, run, color="#ff7f0e", lw=0.9, alpha=0.8)
             twin.plot(t, wait, color="#9467bd", lw=0.9, ls=":")
-            ax.text((t[0] + t[-1]) / 2, 1.01, _load_label(point), ha="center", va="bottom",
-                    fontsize=7, color="#555", transform=ax.get_xaxis_transform())
+            ax.text(
+                (t[0] + t[-1]) / 2,
+                1.01,
+                _load_label(point),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="#555",
+                transform=ax.get_xaxis_transform(),
+            )
             offset = t[-1] + 1.0
         ax.set_ylim(0, 105)
         ax.set_yticks([0, 25, 50, 75, 100])
-        ax.set_title(v.label + (" (best)" if v.is_best else "") +
-                     (" (baseline)" if v.baseline else ""), fontsize=9, pad=14)
+        ax.set_title(
+            v.label + (" (best)" if v.is_best else "") + (" (baseline)" if v.baseline else ""),
+            fontsize=9,
+            pad=14,
+        )
         ax.set_ylabel("KV usage (%)")
         twin.set_ylabel("requests", fontsize=8)
         twin.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(series):]:
+    for ax in list(axes.flat)[len(series) :]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("time in trial (s); bands: load points (req/s or c=concurrency above)")
-    handles = [plt.Line2D([], [], color=BASELINE, lw=1.6),
-               plt.Line2D([], [], color="#ff7f0e", lw=1),
-               plt.Line2D([], [], color="#9467bd", lw=1, ls=":")]
-    labels = ["KV-cache usage (left axis)", "requests running (right axis)",
-              "requests waiting (right axis)"]
-    fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=9, frameon=False,
-               bbox_to_anchor=(0.5, 1.0))
+    handles = [
+        plt.Line2D([], [], color=BASELINE, lw=1.6),
+        plt.Line2D([], [], color="#ff7f0e", lw=1),
+        plt.Line2D([], [], color="#9467bd", lw=1, ls=":"),
+    ]
+    labels = [
+        "KV-cache usage (left axis)",
+        "requests running (right axis)",
+        "requests waiting (right axis)",
+    ]
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=3,
+        fontsize=9,
+        frameon=False,
+        bbox_to_anchor=(0.5, 1.0),
+    )
     note = f" ({dropped} more trials not shown)" if dropped > 0 else ""
     fig.suptitle("vLLM KV-cache usage during each trial" + note, y=1.03)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_objective(record: Mapping[str, Any], views: Sequence[TrialView],
-                   path: Path) -> Path | None:
+def plot_objective(
+    record: Mapping[str, Any], views: Sequence[TrialView], path: Path
+) -> Path | None:
     """The objective of each trial in order, failed and pruned trials marked, best so far."""
     if not views:
         return None
     fig, ax = plt.subplots(figsize=(min(16, max(7, 0.55 * len(views) + 3)), 4.5))
     xs = list(range(len(views)))
-    vals = [v.objective if v.state == "complete" and v.objective is not None else 0.0
-            for v in views]
-    colors = [BEST if v.is_best else BASELINE if v.baseline else
-              "#d62728" if v.state == "failed" else DIM if v.state == "pruned" else OTHER
-              for v in views]
+    vals = [
+        v.objective if v.state == "complete" and v.objective is not None else 0.0 for v in views
+    ]
+    colors = [
+        BEST
+        if v.is_best
+        else BASELINE
+        if v.baseline
+        else "#d62728"
+        if v.state == "failed"
+        else DIM
+        if v.state == "pruned"
+        else OTHER
+        for v in views
+    ]
     ax.bar(xs, vals, color=colors)
     top = max(vals) if any(vals) else 1.0
     for x, v in zip(xs, views, strict=True):
         if v.state != "complete":
             failed = v.state == "failed"
             tag = f"failed: {v.failure_class}" if failed and v.failure_class else v.state
-            ax.text(x, top * 0.02, tag, rotation=90, ha="center", va="bottom", fontsize=9,
-                    color="#d62728" if failed else OTHER, fontweight="bold" if failed else None)
+            ax.text(
+                x,
+                top * 0.02,
+                tag,
+                rotation=90,
+                ha="center",
+                va="bottom",
+                fontsize=9,
+                color="#d62728" if failed else OTHER,
+                fontweight="bold" if failed else None,
+            )
     running, best_so_far = None, []
     for val, v in zip(vals, views, strict=True):
         if v.state == "complete":
@@ -434,8 +586,10 @@ def plot_objective(record: Mapping[str, Any], views: Sequence[TrialView],
     ax.set_xlabel("trial")
     objective = str(record.get("objective") or "objective")
     ax.set_ylabel(OBJECTIVE_UNITS.get(objective, objective))
-    ax.set_title("Objective per trial (green: best, blue: baseline, red: failed, light grey: "
-                 "pruned)", fontsize=10)
+    ax.set_title(
+        "Objective per trial (green: best, blue: baseline, red: failed, light grey: pruned)",
+        fontsize=10,
+    )
     ax.set_ylim(0, top * 1.15)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=9, loc="upper left")
@@ -444,19 +598,26 @@ def plot_objective(record: Mapping[str, Any], views: Sequence[TrialView],
 
 
 PLOTS = (
-    ("Output throughput vs TPOT and TTFT per trial", "throughput_latency.png",
-     plot_throughput_latency),
+    (
+        "Output throughput vs TPOT and TTFT per trial",
+        "throughput_latency.png",
+        plot_throughput_latency,
+    ),
     ("Pareto front", "pareto.png", plot_pareto),
     ("Pruned vs measured candidates", "pruning.png", plot_pruning),
-    ("Predicted vs measured throughput (estimator error)", "estimate_error.png",
-     plot_estimate_error),
+    (
+        "Predicted vs measured throughput (estimator error)",
+        "estimate_error.png",
+        plot_estimate_error,
+    ),
     ("KV-cache usage over each trial", "kv_usage.png", plot_kv_usage),
     ("Objective per trial", "objective.png", plot_objective),
 )
 
 
-def render_all(record: Mapping[str, Any], views: Sequence[TrialView],
-               out_dir: Path) -> dict[str, Path]:
+def render_all(
+    record: Mapping[str, Any], views: Sequence[TrialView], out_dir: Path
+) -> dict[str, Path]:
     """Draw every plot that has data; title -> PNG path, in the report's order."""
     out = {}
     for title, filename, fn in PLOTS:

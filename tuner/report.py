@@ -177,16 +177,23 @@ def _e(value: Any) -> str:
     return html.escape(_fmt(value) if not isinstance(value, str) else value)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], classes: Sequence[str] = (),
-           left: int = 0) -> str:
+def _table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    classes: Sequence[str] = (),
+    left: int = 0,
+) -> str:
     """An HTML table; the first ``left`` columns are left-aligned; cells are escaped."""
-    head = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(h)}</th>'
-                   for i, h in enumerate(headers))
+    head = "".join(
+        f'<th class="{"l" if i < left else ""}">{html.escape(h)}</th>'
+        for i, h in enumerate(headers)
+    )
     body = []
     for n, row in enumerate(rows):
         cls = classes[n] if n < len(classes) else ""
-        cells = "".join(f'<td class="{"l" if i < left else ""}">{_e(c)}</td>'
-                        for i, c in enumerate(row))
+        cells = "".join(
+            f'<td class="{"l" if i < left else ""}">{_e(c)}</td>' for i, c in enumerate(row)
+        )
         body.append(f'<tr class="{cls}">{cells}</tr>')
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -195,28 +202,45 @@ def _knobs_text(knobs: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in knobs.items()) or "vLLM defaults"
 
 
-def render_html(record: Mapping[str, Any], views: Sequence[TrialView],
-                images: Mapping[str, str], profile: str | None) -> str:
+def render_html(
+    record: Mapping[str, Any],
+    views: Sequence[TrialView],
+    images: Mapping[str, str],
+    profile: str | None,
+) -> str:
     """The report page (pure): ``images`` maps a plot title to its relative file name."""
     model = (record.get("model") or {}).get("name", "?")
     gpu = (record.get("gpu") or {}).get("name", "?")
     study = record.get("study") or {}
     plan = record.get("plan") or {}
     gain = record.get("gain") or {}
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>vtune report: "
-             f"{html.escape(str(model))} on {html.escape(str(gpu))}</title>"
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>vtune search: {html.escape(str(model))} on {html.escape(str(gpu))}</h1>"]
-    facts = [("Objective", record.get("objective")), ("SLO", record.get("slo") or "none"),
-             ("vLLM", record.get("vllm_version")), ("vtune", record.get("vtune_version")),
-             ("Workload", _knobs_text(record.get("workload") or {})),
-             ("Study", f"{study.get('name', '?')} ({study.get('sampler', '?')}, budget "
-                       f"{study.get('budget', '?')}, storage {study.get('storage', '?')})"),
-             ("Elapsed", f"{_fmt(_num(study.get('elapsed_s')), 0)} s, engine "
-                         f"{_fmt(_num(study.get('engine_time_s')), 0)} s"),
-             ("Created", record.get("created_at"))]
-    parts.append("<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{_e(v)}</dd>"
-                                  for k, v in facts) + "</dl>")
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>vtune report: "
+        f"{html.escape(str(model))} on {html.escape(str(gpu))}</title>"
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>vtune search: {html.escape(str(model))} on {html.escape(str(gpu))}</h1>",
+    ]
+    facts = [
+        ("Objective", record.get("objective")),
+        ("SLO", record.get("slo") or "none"),
+        ("vLLM", record.get("vllm_version")),
+        ("vtune", record.get("vtune_version")),
+        ("Workload", _knobs_text(record.get("workload") or {})),
+        (
+            "Study",
+            f"{study.get('name', '?')} ({study.get('sampler', '?')}, budget "
+            f"{study.get('budget', '?')}, storage {study.get('storage', '?')})",
+        ),
+        (
+            "Elapsed",
+            f"{_fmt(_num(study.get('elapsed_s')), 0)} s, engine "
+            f"{_fmt(_num(study.get('engine_time_s')), 0)} s",
+        ),
+        ("Created", record.get("created_at")),
+    ]
+    parts.append(
+        "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts) + "</dl>"
+    )
 
     parts.append("<h2>Outcome</h2>")
     ratio = _num(gain.get("ratio"))
@@ -224,34 +248,65 @@ def render_html(record: Mapping[str, Any], views: Sequence[TrialView],
         f"<p>Best: <b>{_e(record.get('best') or 'none')}</b>; baseline "
         f"<b>{_e(record.get('baseline') or 'none')}</b>. {_e(gain.get('objective') or 'objective')}"
         f": {_e(_num(gain.get('baseline')))} → {_e(_num(gain.get('best')))}"
-        + (f" (<b>×{ratio:.2f}</b> over the baseline)" if ratio is not None else "") + ".</p>"
+        + (f" (<b>×{ratio:.2f}</b> over the baseline)" if ratio is not None else "")
+        + ".</p>"
     )
     parts.append(_noise_html(record))
 
     parts.append("<h2>Plots</h2>")
     for title, src in images.items():
-        parts.append(f"<h3>{html.escape(title)}</h3><img src='{html.escape(src)}' "
-                     f"alt='{html.escape(title)}'>")
+        parts.append(
+            f"<h3>{html.escape(title)}</h3><img src='{html.escape(src)}' "
+            f"alt='{html.escape(title)}'>"
+        )
 
     parts.append("<h2>Trials</h2>")
     stats = _latency_columns(views)
-    headers = ["#", "name", "state", "objective", "rate req/s", "output tok/s", "req/s",
-               "goodput req/s", *[f"{s} {m} ms" for s, m in stats], "peak KV %",
-               "preempt.", "predicted tok/s", "failure"]
+    headers = [
+        "#",
+        "name",
+        "state",
+        "objective",
+        "rate req/s",
+        "output tok/s",
+        "req/s",
+        "goodput req/s",
+        *[f"{s} {m} ms" for s, m in stats],
+        "peak KV %",
+        "preempt.",
+        "predicted tok/s",
+        "failure",
+    ]
     rows, classes = [], []
     for v in views:
         failure = f"{v.failure_class}: {v.failure_message}" if v.failure_class else None
-        rows.append([v.number, v.name + (" (best)" if v.is_best else "")
-                     + (" (baseline)" if v.baseline else ""), v.state, v.objective, v.rate,
-                     v.output_throughput, v.request_throughput, v.goodput,
-                     *[v.latency_ms.get(f"{s}_{m}") for s, m in stats],
-                     None if v.peak_kv is None else 100 * v.peak_kv, v.preemptions,
-                     v.predicted_tps, failure])
+        rows.append(
+            [
+                v.number,
+                v.name + (" (best)" if v.is_best else "") + (" (baseline)" if v.baseline else ""),
+                v.state,
+                v.objective,
+                v.rate,
+                v.output_throughput,
+                v.request_throughput,
+                v.goodput,
+                *[v.latency_ms.get(f"{s}_{m}") for s, m in stats],
+                None if v.peak_kv is None else 100 * v.peak_kv,
+                v.preemptions,
+                v.predicted_tps,
+                failure,
+            ]
+        )
         classes.append("best" if v.is_best else "baseline" if v.baseline else v.state)
     parts.append(_table(headers, rows, classes, left=3))
-    parts.append("<p>Knobs per trial:</p>" + _table(
-        ["#", "name", "knobs"], [[v.number, v.name, _knobs_text(v.knobs)] for v in views],
-        left=3))
+    parts.append(
+        "<p>Knobs per trial:</p>"
+        + _table(
+            ["#", "name", "knobs"],
+            [[v.number, v.name, _knobs_text(v.knobs)] for v in views],
+            left=3,
+        )
+    )
 
     parts.append(_plan_html(plan))
     parts.append("<h2>Chosen profile</h2>")
@@ -265,8 +320,7 @@ def render_html(record: Mapping[str, Any], views: Sequence[TrialView],
 
 
 def _latency_columns(views: Sequence[TrialView]) -> list[tuple[str, str]]:
-    wanted = [("p95", "ttft"), ("p95", "tpot"), ("p99", "ttft"), ("p99", "tpot"),
-              ("p95", "e2el")]
+    wanted = [("p95", "ttft"), ("p95", "tpot"), ("p99", "ttft"), ("p99", "tpot"), ("p95", "e2el")]
     return [(s, m) for s, m in wanted if any(v.latency_ms.get(f"{s}_{m}") for v in views)]
 
 
@@ -276,17 +330,28 @@ def _noise_html(record: Mapping[str, Any]) -> str:
     if within is None:
         verdict = "No noise verdict in the record."
     elif within:
-        verdict = ("Within noise: the best finalist's 95 % interval overlaps another's; the "
-                   "choice between them is not certain.")
+        verdict = (
+            "Within noise: the best finalist's 95 % interval overlaps another's; the "
+            "choice between them is not certain."
+        )
     else:
         verdict = "Clear winner: the best finalist's 95 % interval overlaps no other finalist's."
     out = f"<p class='verdict'>{html.escape(verdict)}</p>"
     if finalists:
-        rows = [[f.get("name"), _num(f.get("mean")), _num(f.get("ci_low")),
-                 _num(f.get("ci_high")), len(f.get("samples") or []),
-                 ", ".join(f"{s:.3g}" for s in f.get("samples") or [])] for f in finalists]
-        out += _table(["finalist", "mean", "95 % CI low", "95 % CI high", "runs", "samples"],
-                      rows, left=1)
+        rows = [
+            [
+                f.get("name"),
+                _num(f.get("mean")),
+                _num(f.get("ci_low")),
+                _num(f.get("ci_high")),
+                len(f.get("samples") or []),
+                ", ".join(f"{s:.3g}" for s in f.get("samples") or []),
+            ]
+            for f in finalists
+        ]
+        out += _table(
+            ["finalist", "mean", "95 % CI low", "95 % CI high", "runs", "samples"], rows, left=1
+        )
     return out
 
 
@@ -294,9 +359,11 @@ def _plan_html(plan: Mapping[str, Any]) -> str:
     out = ["<h2>Plan and pruning</h2>"]
     cands = plan.get("candidates")
     n_cands = len(cands) if isinstance(cands, list) else cands
-    out.append(f"<p>Space: {_e(plan.get('space_size'))} combinations; candidates kept after "
-               f"pruning: {_e(n_cands)}; pruned: {len(plan.get('pruned') or [])}; capped: "
-               f"{len(plan.get('capped') or [])}.</p>")
+    out.append(
+        f"<p>Space: {_e(plan.get('space_size'))} combinations; candidates kept after "
+        f"pruning: {_e(n_cands)}; pruned: {len(plan.get('pruned') or [])}; capped: "
+        f"{len(plan.get('capped') or [])}.</p>"
+    )
     counts = plan.get("counts_by_rule") or {}
     if counts:
         out.append(_table(["rule", "candidates"], sorted(counts.items()), left=1))
@@ -304,14 +371,23 @@ def _plan_html(plan: Mapping[str, Any]) -> str:
     if pruned:
         shown = pruned[:50]
         out.append(f"<p>Pruned candidates{' (first 50)' if len(pruned) > 50 else ''}:</p>")
-        out.append(_table(["name", "rule", "reason"],
-                          [[p.get("name"), p.get("rule"), p.get("reason")] for p in shown],
-                          left=3))
+        out.append(
+            _table(
+                ["name", "rule", "reason"],
+                [[p.get("name"), p.get("rule"), p.get("reason")] for p in shown],
+                left=3,
+            )
+        )
     capped = plan.get("capped") or []
     if capped:
-        out.append("<p>Capped candidates:</p>" + _table(
-            ["from", "to", "reason"],
-            [[c.get("from"), c.get("to"), c.get("reason")] for c in capped], left=3))
+        out.append(
+            "<p>Capped candidates:</p>"
+            + _table(
+                ["from", "to", "reason"],
+                [[c.get("from"), c.get("to"), c.get("reason")] for c in capped],
+                left=3,
+            )
+        )
     return "\n".join(out)
 
 
@@ -336,8 +412,9 @@ def write_report(record_path: Path, out_dir: Path) -> Report:
     except OSError as exc:
         raise ParameterError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
     images = plots.render_all(record, views, out_dir)
-    page = render_html(record, views, {t: p.name for t, p in images.items()},
-                       profile_text(record, record_path))
+    page = render_html(
+        record, views, {t: p.name for t, p in images.items()}, profile_text(record, record_path)
+    )
     index = out_dir / "index.html"
     atomic_write_text(index, page)
     return Report(index, tuple(images.values()))

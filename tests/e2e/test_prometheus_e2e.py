@@ -41,8 +41,19 @@ def bench_records(n: int) -> list[RequestRecord]:
     for i in range(n):
         start, ttft = 100.0 + i, 0.05 + 0.01 * i
         chunks = tuple(start + ttft + 0.02 * k for k in range(16))
-        out.append(RequestRecord(i, start, chunks[-1], chunks[0], chunks, 64, 16, 16,
-                                 None if i % 5 else "HTTP 503: overloaded"))
+        out.append(
+            RequestRecord(
+                i,
+                start,
+                chunks[-1],
+                chunks[0],
+                chunks,
+                64,
+                16,
+                16,
+                None if i % 5 else "HTTP 503: overloaded",
+            )
+        )
     return out
 
 
@@ -56,26 +67,39 @@ def test_prometheus_scrapes_search_and_bench_exporters():
         bench.started()
         bench.observe(r)
 
-    with start_exporter(0, registry=search.registry) as s_srv, \
-            start_exporter(0, registry=bench.registry) as b_srv, \
-            running_prometheus({"vtune": [f"127.0.0.1:{s_srv.port}"],
-                                "vtune-bench": [f"127.0.0.1:{b_srv.port}"]}) as prom:
+    with (
+        start_exporter(0, registry=search.registry) as s_srv,
+        start_exporter(0, registry=bench.registry) as b_srv,
+        running_prometheus(
+            {"vtune": [f"127.0.0.1:{s_srv.port}"], "vtune-bench": [f"127.0.0.1:{b_srv.port}"]}
+        ) as prom,
+    ):
         prom.wait_for('vtune_trials_total{state="complete"}')
         prom.wait_for("vtune_bench_requests_total")
         names = prom.series_names("vtune_.+")
-        for expected in ("vtune_info", "vtune_phase", "vtune_trials_total",
-                         "vtune_trial_running_info", "vtune_last_trial_output_throughput",
-                         "vtune_last_trial_latency_seconds", "vtune_best_goodput",
-                         "vtune_best_objective", "vtune_bench_requests_total",
-                         "vtune_bench_requests_in_flight", "vtune_bench_ttft_seconds_bucket",
-                         "vtune_bench_itl_seconds_bucket", "vtune_bench_e2el_seconds_count"):
+        for expected in (
+            "vtune_info",
+            "vtune_phase",
+            "vtune_trials_total",
+            "vtune_trial_running_info",
+            "vtune_last_trial_output_throughput",
+            "vtune_last_trial_latency_seconds",
+            "vtune_best_goodput",
+            "vtune_best_objective",
+            "vtune_bench_requests_total",
+            "vtune_bench_requests_in_flight",
+            "vtune_bench_ttft_seconds_bucket",
+            "vtune_bench_itl_seconds_bucket",
+            "vtune_bench_e2el_seconds_count",
+        ):
             assert expected in names, f"{expected} not in {sorted(names)}"
 
         assert prom.value('up{job="vtune"}') == 1
         assert prom.value('vtune_trials_total{state="complete"}') == 3
         assert prom.value('vtune_phase{phase="trials"}') == 1
         assert prom.value('vtune_last_trial_latency_seconds{metric="tpot",stat="p95"}') == (
-            pytest.approx(TRIALS[2].best["p95_tpot_ms"] / 1000))
+            pytest.approx(TRIALS[2].best["p95_tpot_ms"] / 1000)
+        )
         [info] = prom.query("vtune_trial_running_info")
         assert info["metric"]["name"] == running.name
         assert info["metric"]["max_num_seqs"] == str(running.knobs["max_num_seqs"])
@@ -94,15 +118,13 @@ def test_prometheus_scrapes_search_and_bench_exporters():
 
 
 def test_pushgateway_receives_each_trial():
-    with running_pushgateway() as gw, running_prometheus(
-            {"pushgateway": [gw.address]}) as prom:
+    with running_pushgateway() as gw, running_prometheus({"pushgateway": [gw.address]}) as prom:
         pusher = Pushgateway(gw.url, job="vtune-search", grouping={"study": "e2e"})
         exp = SearchExporter(pushgateway=pusher, info={"model": "tiny-llama"})
         start_search(exp, upto=2)
         assert pusher.failures == 0 and pusher.pushes == 3  # the plan and two trial ends
         pushed = gw.metrics()
-        [(labels, count)] = [s for s in pushed["vtune_trials_total"]
-                             if s[0]["state"] == "complete"]
+        [(labels, count)] = [s for s in pushed["vtune_trials_total"] if s[0]["state"] == "complete"]
         assert count == 2 and labels["job"] == "vtune-search" and labels["study"] == "e2e"
         assert "vtune_last_trial_latency_seconds" in pushed
 
@@ -116,6 +138,5 @@ def test_pushgateway_receives_each_trial():
 
         # Prometheus scrapes the gateway and keeps the pushed job label (honor_labels)
         result = prom.wait_for('vtune_best_objective{job="vtune-search",study="e2e"}')
-        assert float(result[0]["value"][1]) == pytest.approx(
-            max(t.objective for t in TRIALS[:3]))
+        assert float(result[0]["value"][1]) == pytest.approx(max(t.objective for t in TRIALS[:3]))
         prom.wait_for('vtune_phase{job="vtune-search",phase="done"} == 1')

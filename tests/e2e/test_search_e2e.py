@@ -28,10 +28,33 @@ SLO = "ttft:p95<2s;tpot:p95<200ms"
 
 def search_argv(model: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "tuner", "search", "--model", str(model), "--gpu", "cpu",
-        "--slo", SLO, "--param", "max_num_seqs=4,16,64",
-        "--input-len", "64", "--output-len", "32", "--seconds-per-point", "3",
-        "--iterations", "1", "--finalists", "2", "--repeats", "1", "--out", str(out), *extra,
+        sys.executable,
+        "-m",
+        "tuner",
+        "search",
+        "--model",
+        str(model),
+        "--gpu",
+        "cpu",
+        "--slo",
+        SLO,
+        "--param",
+        "max_num_seqs=4,16,64",
+        "--input-len",
+        "64",
+        "--output-len",
+        "32",
+        "--seconds-per-point",
+        "3",
+        "--iterations",
+        "1",
+        "--finalists",
+        "2",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+        *extra,
     ]
 
 
@@ -61,8 +84,9 @@ def test_search_resumes_after_kill_writes_profile_and_is_scraped(
 
     # 1. Start, and SIGKILL vtune as soon as its first trial is saved.
     log1 = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(search_argv(tiny_model_dir, out), stdout=log1, stderr=log1,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        search_argv(tiny_model_dir, out), stdout=log1, stderr=log1, start_new_session=True
+    )
     trial_files = lambda: sorted(out.glob("*/cpu.study/*/trials/*.json"))  # noqa: E731
     assert wait_until(lambda: trial_files() or first.poll() is not None, 400), "no trial saved"
     assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -80,7 +104,10 @@ def test_search_resumes_after_kill_writes_profile_and_is_scraped(
     with running_prometheus([f"127.0.0.1:{port}"]) as prom:
         second = subprocess.run(
             search_argv(tiny_model_dir, out, "--metrics-port", str(port)),
-            capture_output=True, text=True, timeout=1200, check=False,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
         )
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         # The exporter is gone once vtune exits; look back over the run, not at "now".
@@ -113,14 +140,24 @@ def test_search_resumes_after_kill_writes_profile_and_is_scraped(
     from tuner.engine import EngineSettings, LaunchConfig, VllmServer
 
     launch = LaunchConfig(
-        command=(sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                 "--config", str(yaml_path)),
-        device="cpu", log_dir=tmp_path / "fresh", startup_timeout_s=600,
+        command=(
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--config",
+            str(yaml_path),
+        ),
+        device="cpu",
+        log_dir=tmp_path / "fresh",
+        startup_timeout_s=600,
     )
     with VllmServer(EngineSettings(model=str(tiny_model_dir)), launch) as server:
         body = json.dumps({"model": str(tiny_model_dir), "prompt": "Hello", "max_tokens": 4})
-        req = urllib.request.Request(server.url + "/v1/completions", data=body.encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            server.url + "/v1/completions",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             answer = json.loads(resp.read())
         assert answer["choices"][0]["text"] is not None

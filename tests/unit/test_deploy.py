@@ -34,8 +34,12 @@ from tuner.record import TrialRecord
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DATA = ROOT / "tests" / "data"
-CONFIG = {"model": "meta-llama/Llama-3.1-8B-Instruct", "max-num-seqs": 256,
-          "max-num-batched-tokens": 16384, "kv-cache-dtype": "fp8"}
+CONFIG = {
+    "model": "meta-llama/Llama-3.1-8B-Instruct",
+    "max-num-seqs": 256,
+    "max-num-batched-tokens": 16384,
+    "kv-cache-dtype": "fp8",
+}
 HEADER = ["vtune profile: meta-llama/Llama-3.1-8B-Instruct on h100", "gain x1.45"]
 
 
@@ -77,21 +81,26 @@ def test_rendered_deployment_carries_the_written_profile(tmp_path):
     assert f"{mount['mountPath']}/profile.yaml" == PROFILE_PATH
     assert container["image"] == "vllm/vllm-openai:v0.32.0"  # from the record beside it
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert pod["metadata"]["annotations"]["vtune.io/profile-sha256"] == hashlib.sha256(
-        written.encode()).hexdigest()
+    assert (
+        pod["metadata"]["annotations"]["vtune.io/profile-sha256"]
+        == hashlib.sha256(written.encode()).hexdigest()
+    )
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     svc = docs["Service"]
     assert svc["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
     assert pod["metadata"]["labels"].items() >= svc["spec"]["selector"].items()
 
 
-@pytest.mark.parametrize("text", [
-    "model: m\n",
-    "# trailing spaces   \nmodel: m   \n",
-    "model: m",  # no final newline
-    "# ünïcode ✓\nmodel: m\n\n\n",
-    "model: m\nspeculative-config:\n  model: d\n  num_speculative_tokens: 3\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "model: m\n",
+        "# trailing spaces   \nmodel: m   \n",
+        "model: m",  # no final newline
+        "# ünïcode ✓\nmodel: m\n\n\n",
+        "model: m\nspeculative-config:\n  model: d\n  num_speculative_tokens: 3\n",
+    ],
+)
 def test_profile_text_survives_exactly(text):
     docs = render_serving(text, ServingSpec(name="x"))
     again = list(yaml.safe_load_all(dump_manifests(docs)))
@@ -104,7 +113,8 @@ def test_gpu_count_and_names():
     assert gpus_for({}) == 1
     docs = render_serving("model: m\ntensor-parallel-size: 2\n", ServingSpec(name="x"))
     assert docs[1]["spec"]["template"]["spec"]["containers"][0]["resources"] == {
-        "limits": {"nvidia.com/gpu": 2}}
+        "limits": {"nvidia.com/gpu": 2}
+    }
     assert default_name(CONFIG) == "vllm-llama-3-1-8b-instruct"
     assert image_for_version("0.32.0+cpu") == "vllm/vllm-openai:v0.32.0"
     assert image_for_version(None).startswith("vllm/vllm-openai:v")
@@ -123,9 +133,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     profile.write_text("model: m\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a list\n")
-    for argv, needle in ((["deploy", str(tmp_path / "missing.yaml")], "cannot read"),
-                         (["deploy", str(profile), "--name", "Bad_Name"], "Kubernetes name"),
-                         (["deploy", str(bad)], "not a YAML mapping")):
+    for argv, needle in (
+        (["deploy", str(tmp_path / "missing.yaml")], "cannot read"),
+        (["deploy", str(profile), "--name", "Bad_Name"], "Kubernetes name"),
+        (["deploy", str(bad)], "not a YAML mapping"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         err = capsys.readouterr().err
@@ -134,10 +146,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_stdout_and_json_record_argument(tmp_path):
-    yaml_path, json_path = write_profile(tmp_path / "cpu.yaml", {"model": "/m/tiny"}, [],
-                                         {"vllm_version": None})
-    result = CliRunner().invoke(cli, ["deploy", str(json_path), "--image", "reg/vllm:1",
-                                      "--namespace", "tuning", "--replicas", "2"])
+    yaml_path, json_path = write_profile(
+        tmp_path / "cpu.yaml", {"model": "/m/tiny"}, [], {"vllm_version": None}
+    )
+    result = CliRunner().invoke(
+        cli,
+        [
+            "deploy",
+            str(json_path),
+            "--image",
+            "reg/vllm:1",
+            "--namespace",
+            "tuning",
+            "--replicas",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     docs = by_kind(list(yaml.safe_load_all(result.output)))
     assert docs["ConfigMap"]["data"]["profile.yaml"] == yaml_path.read_text()
@@ -177,8 +201,10 @@ def test_tuning_job_resumes_and_exports():
     assert {"name": "metrics", "containerPort": 9400} in c["ports"]
     data = next(m for m in c["volumeMounts"] if m["mountPath"] == "/data")
     vol = next(v for v in pod["volumes"] if v["name"] == data["name"])
-    assert vol["persistentVolumeClaim"]["claimName"] == docs["PersistentVolumeClaim"][
-        "metadata"]["name"]
+    assert (
+        vol["persistentVolumeClaim"]["claimName"]
+        == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    )
     token = next(e for e in c["env"] if e["name"] == "HF_TOKEN")
     assert "secretKeyRef" in token["valueFrom"]  # never a literal token in the manifest
     annotations = job["spec"]["template"]["metadata"]["annotations"]
@@ -197,8 +223,9 @@ def test_dockerfile_pins_vllm_and_runs_vtune():
 def promtool() -> str:
     path = shutil.which("promtool")
     if not path:
-        pytest.fail("promtool is not installed: apt-get install prometheus (.ci/run does)",
-                    pytrace=False)
+        pytest.fail(
+            "promtool is not installed: apt-get install prometheus (.ci/run does)", pytrace=False
+        )
     return path
 
 
@@ -213,12 +240,14 @@ def test_prometheus_config_is_valid(tmp_path):
             job["static_configs"] = [{"targets": ["127.0.0.1:1"]}]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([promtool(), "check", "config", str(path)], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [promtool(), "check", "config", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # --- the dashboard -----------------------------------------------------------------------------
+
 
 def dashboard_exprs() -> list[str]:
     dash = json.loads((DEPLOY / "grafana" / "vtune-dashboard.json").read_text())
@@ -275,8 +304,7 @@ def source_vllm_names() -> set[str]:
     assert spec is not None and spec.submodule_search_locations, "vLLM is not installed"
     package = Path(next(iter(spec.submodule_search_locations)))
     source = (package / "v1" / "metrics" / "loggers.py").read_text()
-    suffixes = {"gauge": ("",), "counter": ("_total",),
-                "histogram": ("_bucket", "_sum", "_count")}
+    suffixes = {"gauge": ("",), "counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
     found = re.findall(r'_(gauge|counter|histogram)_cls\(\s*name="(vllm:[a-z0-9_:]+)"', source)
     assert len(found) > 20, "vLLM's metric definitions moved; update this parser"
     return {name + s for kind, name in found for s in suffixes[kind]}
@@ -298,12 +326,16 @@ def test_dashboard_promql_parses(tmp_path):
     """promtool parses each expression as a recording rule (Grafana's variables filled in)."""
     rules = []
     for i, expr in enumerate(dashboard_exprs()):
-        filled = (expr.replace("$__rate_interval", "1m").replace("$job", ".*")
-                  .replace("$model_name", ".*"))
+        filled = (
+            expr.replace("$__rate_interval", "1m")
+            .replace("$job", ".*")
+            .replace("$model_name", ".*")
+        )
         assert "$" not in filled, filled
         rules.append({"record": f"vtune:dashboard_{i}", "expr": filled})
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    proc = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

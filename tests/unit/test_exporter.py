@@ -40,8 +40,11 @@ def samples(registry) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 
 def value(registry, name: str, **labels: str) -> float:
-    matches = [v for lab, v in samples(registry).get(name, []) if all(
-        lab.get(k) == want for k, want in labels.items())]
+    matches = [
+        v
+        for lab, v in samples(registry).get(name, [])
+        if all(lab.get(k) == want for k, want in labels.items())
+    ]
     assert len(matches) == 1, f"{name}{labels}: {matches}"
     return matches[0]
 
@@ -82,19 +85,24 @@ def test_metrics_follow_the_search(record):
     assert value(reg, "vtune_phase", phase="trials") == 1
     assert sum(v for _, v in samples(reg)["vtune_phase"]) == 1
     assert value(reg, "vtune_points_measured_total") == sum(
-        len((t.rate_search or {}).get("points", [])) for t in ts)
+        len((t.rate_search or {}).get("points", [])) for t in ts
+    )
     # "last trial" = the last complete one (#6); failed and pruned trials leave it alone
     last = next(t for t in reversed(ts) if t.state == "complete")
     assert value(reg, "vtune_last_trial_output_throughput") == pytest.approx(
-        last.best["output_throughput"])
+        last.best["output_throughput"]
+    )
     assert value(reg, "vtune_last_trial_latency_seconds", metric="tpot", stat="p95") == (
-        pytest.approx(last.best["p95_tpot_ms"] / 1000))
+        pytest.approx(last.best["p95_tpot_ms"] / 1000)
+    )
     assert value(reg, "vtune_last_trial_latency_seconds", metric="ttft", stat="p99") == (
-        pytest.approx(last.best["p99_ttft_ms"] / 1000))
+        pytest.approx(last.best["p99_ttft_ms"] / 1000)
+    )
     best = max((t for t in ts if t.state == "complete"), key=lambda t: t.objective)
     assert value(reg, "vtune_best_objective") == pytest.approx(best.objective)
     assert value(reg, "vtune_best_goodput") == pytest.approx(
-        max(t.best["request_goodput"] for t in ts if t.best))
+        max(t.best["request_goodput"] for t in ts if t.best)
+    )
     info = samples(reg)["vtune_info"][0][0]
     assert info["model"] == "meta-llama/Llama-3.1-8B-Instruct" and info["version"]
     exp.on_phase("calibrate")  # a phase this exporter does not know yet
@@ -113,24 +121,40 @@ def test_vllm_figures_of_the_last_trial(record):
     exp.on_trial_end(t)
     servers = [p["server"] for p in t.rate_search["points"]]
     assert value(exp.registry, "vtune_last_trial_peak_kv_cache_usage") == pytest.approx(
-        max(s["peak_kv_cache_usage"] for s in servers))
-    assert value(exp.registry, "vtune_last_trial_preemptions") == sum(
-        s["preemptions"] for s in servers) > 0
+        max(s["peak_kv_cache_usage"] for s in servers)
+    )
+    assert (
+        value(exp.registry, "vtune_last_trial_preemptions")
+        == sum(s["preemptions"] for s in servers)
+        > 0
+    )
 
 
 def test_running_trial_info_carries_the_knobs():
     exp = SearchExporter()
     assert "vtune_trial_running_info" not in samples(exp.registry)
-    exp.on_trial_start(3, "seqs64-mbt8192-kvfp8", {"max_num_seqs": 64,
-                                                   "max_num_batched_tokens": 8192,
-                                                   "kv_cache_dtype": "fp8",
-                                                   "enable_prefix_caching": True,
-                                                   "name": "clash"})
+    exp.on_trial_start(
+        3,
+        "seqs64-mbt8192-kvfp8",
+        {
+            "max_num_seqs": 64,
+            "max_num_batched_tokens": 8192,
+            "kv_cache_dtype": "fp8",
+            "enable_prefix_caching": True,
+            "name": "clash",
+        },
+    )
     [(labels, val)] = samples(exp.registry)["vtune_trial_running_info"]
     assert val == 1 and value(exp.registry, "vtune_trials_running") == 1
-    assert labels == {"trial": "3", "name": "seqs64-mbt8192-kvfp8", "max_num_seqs": "64",
-                      "max_num_batched_tokens": "8192", "kv_cache_dtype": "fp8",
-                      "enable_prefix_caching": "true", "knob_name": "clash"}
+    assert labels == {
+        "trial": "3",
+        "name": "seqs64-mbt8192-kvfp8",
+        "max_num_seqs": "64",
+        "max_num_batched_tokens": "8192",
+        "kv_cache_dtype": "fp8",
+        "enable_prefix_caching": "true",
+        "knob_name": "clash",
+    }
     exp.on_trial_end(TrialRecord("seqs64-mbt8192-kvfp8", {}, "failed", number=3))
     assert "vtune_trial_running_info" not in samples(exp.registry)
     assert value(exp.registry, "vtune_trials_running") == 0
@@ -147,13 +171,19 @@ def test_label_names():
 
 def test_no_slo_goodput_is_request_throughput():
     exp = SearchExporter()
-    best = {"output_throughput": 100.0, "request_throughput": 2.5, "request_goodput": None,
-            "slo": None, "p95_ttft_ms": None}
+    best = {
+        "output_throughput": 100.0,
+        "request_throughput": 2.5,
+        "request_goodput": None,
+        "slo": None,
+        "p95_ttft_ms": None,
+    }
     exp.on_trial_end(TrialRecord("a", {}, "complete", objective=100.0, number=0, best=best))
     assert value(exp.registry, "vtune_best_goodput") == 2.5
     # a statistic that was not measured is NaN, never a made-up 0
-    assert math.isnan(value(exp.registry, "vtune_last_trial_latency_seconds",
-                            metric="ttft", stat="p95"))
+    assert math.isnan(
+        value(exp.registry, "vtune_last_trial_latency_seconds", metric="ttft", stat="p95")
+    )
 
 
 def test_own_registries_do_not_collide():
@@ -227,10 +257,17 @@ def rec(i: int, start: float, ttft: float, gaps: list[float], error: str | None 
     for g in gaps:
         t += g
         chunks.append(t)
-    return RequestRecord(index=i, start=start, end=t, first_token=start + ttft,
-                         chunk_times=tuple(chunks), prompt_len=32,
-                         output_tokens=len(chunks), expected_output_len=len(chunks),
-                         error=error)
+    return RequestRecord(
+        index=i,
+        start=start,
+        end=t,
+        first_token=start + ttft,
+        chunk_times=tuple(chunks),
+        prompt_len=32,
+        output_tokens=len(chunks),
+        expected_output_len=len(chunks),
+        error=error,
+    )
 
 
 def test_bench_counts_and_histograms():
@@ -287,13 +324,13 @@ async def test_bench_exporter_is_a_live_load_observer():
     exp = BenchExporter()
     reqs = [Request(tuple(range(4)), 4, 6) for _ in range(10)]
     async with FakeServer(Behaviour(ttft_s=0.01, token_delay_s=0.002)) as srv:
-        result = await run_load(srv.url, "fake", reqs, LoadConfig(concurrency=3, warmup=2),
-                                observer=exp)
+        result = await run_load(
+            srv.url, "fake", reqs, LoadConfig(concurrency=3, warmup=2), observer=exp
+        )
     measured = result.measured
     assert len(measured) == 8 and all(r.ok for r in measured)
     assert value(exp.registry, "vtune_bench_requests_total", status="ok") == len(measured)
     assert value(exp.registry, "vtune_bench_requests_in_flight") == 0
     assert value(exp.registry, "vtune_bench_ttft_seconds_count") == len(measured)
-    assert value(exp.registry, "vtune_bench_itl_seconds_count") == sum(
-        len(r.itl) for r in measured)
+    assert value(exp.registry, "vtune_bench_itl_seconds_count") == sum(len(r.itl) for r in measured)
     assert value(exp.registry, "vtune_bench_output_tokens_total") == 8 * 6

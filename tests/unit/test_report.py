@@ -17,8 +17,14 @@ from tuner.report import load_record, profile_text, render_html, trial_views, wr
 
 SAMPLE = Path(__file__).parent.parent / "data" / "sample_record.json"
 PNG = b"\x89PNG\r\n\x1a\n"
-ALL_PLOTS = {"throughput_latency.png", "pareto.png", "pruning.png", "estimate_error.png",
-             "kv_usage.png", "objective.png"}
+ALL_PLOTS = {
+    "throughput_latency.png",
+    "pareto.png",
+    "pruning.png",
+    "estimate_error.png",
+    "kv_usage.png",
+    "objective.png",
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,8 @@ def test_trial_views(record):
     assert [v.state for v in views].count("complete") == 6
     [best] = [v for v in views if v.is_best]
     assert best.name == record["best"] and best.objective == max(
-        v.objective for v in views if v.state == "complete")
+        v.objective for v in views if v.state == "complete"
+    )
     [base] = [v for v in views if v.baseline]
     assert base.name == "vllm-defaults"
     [failed] = [v for v in views if v.state == "failed"]
@@ -54,8 +61,9 @@ def test_trial_views(record):
     assert v5.peak_kv == max(s["peak_kv_cache_usage"] for s in servers)
     assert v5.preemptions == sum(s["preemptions"] for s in servers)
     assert v5.latency_ms["p95_tpot"] == t["best"]["p95_tpot_ms"]
-    assert v5.measured_max_tps == max(p["summary"]["output_throughput"]
-                                      for p in t["rate_search"]["points"])
+    assert v5.measured_max_tps == max(
+        p["summary"]["output_throughput"] for p in t["rate_search"]["points"]
+    )
 
 
 def test_report_of_the_sample(record, sample_report):
@@ -74,7 +82,7 @@ def test_report_of_the_sample(record, sample_report):
     assert f"×{record['gain']['ratio']:.2f}" in page
     assert "Clear winner" in page  # within_noise is false in the sample
     for rule, n in record["plan"]["counts_by_rule"].items():
-        assert f"<td class=\"l\">{rule}</td><td class=\"\">{n}</td>" in page
+        assert f'<td class="l">{rule}</td><td class="">{n}</td>' in page
     # the profile: rendered from the record's config (no YAML beside the sample)
     assert "max-num-batched-tokens: 16384" in page
     assert "<script" not in page
@@ -134,8 +142,10 @@ def test_sparse_records_still_report(record, tmp_path):
 
 
 def test_slo_picks_the_latency_axes():
-    assert slo_axes("ttft:p99<2s;tpot:p95<250ms") == {"ttft": ("p99", 2000.0),
-                                                      "tpot": ("p95", 250.0)}
+    assert slo_axes("ttft:p99<2s;tpot:p95<250ms") == {
+        "ttft": ("p99", 2000.0),
+        "tpot": ("p95", 250.0),
+    }
     assert slo_axes(None) == {"ttft": ("p95", None), "tpot": ("p95", None)}
     assert slo_axes("e2el<10s") == {"ttft": ("p95", None), "tpot": ("p95", None)}
     assert slo_axes("garbage") == {"ttft": ("p95", None), "tpot": ("p95", None)}

@@ -19,8 +19,9 @@ class FakeRunner:
     """Objective = 100 x max_num_seqs (vLLM default 128 for the baseline); optional failures
     and an optional interrupt after N trials (like Ctrl-C)."""
 
-    def __init__(self, fail: set[int] = frozenset(), interrupt_after: int | None = None,
-                 noise: float = 0.0) -> None:
+    def __init__(
+        self, fail: set[int] = frozenset(), interrupt_after: int | None = None, noise: float = 0.0
+    ) -> None:
         self.fail, self.interrupt_after, self.noise = fail, interrupt_after, noise
         self.measured: list[str] = []
         self.remeasured: list[str] = []
@@ -32,24 +33,40 @@ class FakeRunner:
         self.measured.append(planned.name)
         seqs = cand.max_num_seqs or 128
         if seqs in self.fail:
-            return TrialRecord(planned.name, cand.knobs(), STATE_FAILED, number=number,
-                               baseline=cand.is_baseline,
-                               failure={"class": "OOM", "message": "out of memory"})
+            return TrialRecord(
+                planned.name,
+                cand.knobs(),
+                STATE_FAILED,
+                number=number,
+                baseline=cand.is_baseline,
+                failure={"class": "OOM", "message": "out of memory"},
+            )
         value = 100.0 * seqs
-        return TrialRecord(planned.name, cand.knobs(), STATE_COMPLETE, objective=value,
-                           number=number, baseline=cand.is_baseline,
-                           best={"output_throughput": value, "p95_tpot_ms": seqs / 10})
+        return TrialRecord(
+            planned.name,
+            cand.knobs(),
+            STATE_COMPLETE,
+            objective=value,
+            number=number,
+            baseline=cand.is_baseline,
+            best={"output_throughput": value, "p95_tpot_ms": seqs / 10},
+        )
 
     def remeasure(self, record: TrialRecord, variant: Variant, repeats: int) -> list[float]:
         self.remeasured.append(record.name)
         return [(record.objective or 0) * (1 + self.noise * (i + 1)) for i in range(repeats)]
 
 
-def make(tmp_path: Path, seqs: tuple[int, ...], settings: SearchSettings,
-         runner: FakeRunner) -> Search:
+def make(
+    tmp_path: Path, seqs: tuple[int, ...], settings: SearchSettings, runner: FakeRunner
+) -> Search:
     spec = load_model("qwen2.5-0.5b")
-    target = Target(get_gpu("cpu"), {"none": Variant("none", spec.name, spec)},
-                    context_len=512, max_model_len=2048)
+    target = Target(
+        get_gpu("cpu"),
+        {"none": Variant("none", spec.name, spec)},
+        context_len=512,
+        max_model_len=2048,
+    )
     space = Space({"max_num_seqs": seqs})
     p = plan(space, target)
     sampler = make_sampler(settings, queue_all(p, settings))
@@ -115,8 +132,9 @@ def test_finalists_rerun_and_noise_verdict(tmp_path: Path) -> None:
 
 
 def test_clear_winner_is_not_within_noise(tmp_path: Path) -> None:
-    result = make(tmp_path, (2, 8), SearchSettings(finalists=2, repeats=2),
-                  FakeRunner(noise=0.001)).run()
+    result = make(
+        tmp_path, (2, 8), SearchSettings(finalists=2, repeats=2), FakeRunner(noise=0.001)
+    ).run()
     assert not result.within_noise
 
 

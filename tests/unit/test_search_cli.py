@@ -10,10 +10,18 @@ import pytest
 
 from tuner.cli import main
 
-CONFIG = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 256,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-          "intermediate_size": 1024, "vocab_size": 1024, "max_position_embeddings": 2048,
-          "torch_dtype": "bfloat16"}
+CONFIG = {
+    "model_type": "llama",
+    "num_hidden_layers": 2,
+    "hidden_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "intermediate_size": 1024,
+    "vocab_size": 1024,
+    "max_position_embeddings": 2048,
+    "torch_dtype": "bfloat16",
+}
 
 
 @pytest.fixture()
@@ -30,32 +38,54 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return int(exc.value.code or 0), out, err
 
 
-def test_dry_run_prints_the_plan(capsys: pytest.CaptureFixture[str], model_dir: Path,
-                                 tmp_path: Path) -> None:
-    code, out, _ = run(capsys, "search", "--model", str(model_dir), "--gpu", "cpu",
-                       "--param", "max_num_seqs=4,16,64", "--dry-run", "--out", str(tmp_path))
+def test_dry_run_prints_the_plan(
+    capsys: pytest.CaptureFixture[str], model_dir: Path, tmp_path: Path
+) -> None:
+    code, out, _ = run(
+        capsys,
+        "search",
+        "--model",
+        str(model_dir),
+        "--gpu",
+        "cpu",
+        "--param",
+        "max_num_seqs=4,16,64",
+        "--dry-run",
+        "--out",
+        str(tmp_path),
+    )
     assert code == 0
     assert "vllm-defaults" in out and "seqs64" in out and "Estimated time" in out
     assert not list(tmp_path.glob("*/cpu.yaml"))  # nothing written
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--slo", "ttft:p95<<5"], "SLO term"),
-    (["--slo", "latency<5ms"], "SLO"),
-    (["--param", "max_seqs=4"], "unknown parameter 'max_seqs'"),
-    (["--param", "max_num_seqs=0"], "positive"),
-    (["--param", "max_num_seqs=64", "--param", "max_num_batched_tokens=16"],
-     "every candidate was pruned (1 by invalid)"),
-    (["--param", "quantization=none,awq"], "not defined"),
-    (["--build-variants", "q2"], "cannot build"),
-    (["--objective", "latency"], "needs --rate"),
-    (["--space", "/no/such/space.yaml"], "cannot read space file"),
-    (["--gpu", "h1000"], "unknown GPU"),
-    (["--storage", "sqlite:////no/such/dir/study.db"], "cannot open study storage"),
-    (["--input-len", "0"], "--input-len"),
-])
-def test_bad_input_is_one_line_exit_2(capsys: pytest.CaptureFixture[str], model_dir: Path,
-                                      tmp_path: Path, args: list[str], needle: str) -> None:
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--slo", "ttft:p95<<5"], "SLO term"),
+        (["--slo", "latency<5ms"], "SLO"),
+        (["--param", "max_seqs=4"], "unknown parameter 'max_seqs'"),
+        (["--param", "max_num_seqs=0"], "positive"),
+        (
+            ["--param", "max_num_seqs=64", "--param", "max_num_batched_tokens=16"],
+            "every candidate was pruned (1 by invalid)",
+        ),
+        (["--param", "quantization=none,awq"], "not defined"),
+        (["--build-variants", "q2"], "cannot build"),
+        (["--objective", "latency"], "needs --rate"),
+        (["--space", "/no/such/space.yaml"], "cannot read space file"),
+        (["--gpu", "h1000"], "unknown GPU"),
+        (["--storage", "sqlite:////no/such/dir/study.db"], "cannot open study storage"),
+        (["--input-len", "0"], "--input-len"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str],
+    model_dir: Path,
+    tmp_path: Path,
+    args: list[str],
+    needle: str,
+) -> None:
     base = ["search", "--model", str(model_dir), "--gpu", "cpu", "--out", str(tmp_path)]
     if "--gpu" in args:
         base = base[:3] + base[5:]
@@ -65,14 +95,25 @@ def test_bad_input_is_one_line_exit_2(capsys: pytest.CaptureFixture[str], model_
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
 
 
-def test_metrics_port_in_use(capsys: pytest.CaptureFixture[str], model_dir: Path,
-                             tmp_path: Path) -> None:
+def test_metrics_port_in_use(
+    capsys: pytest.CaptureFixture[str], model_dir: Path, tmp_path: Path
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, _, err = run(capsys, "search", "--model", str(model_dir), "--gpu", "cpu",
-                           "--metrics-port", str(port), "--out", str(tmp_path))
+        code, _, err = run(
+            capsys,
+            "search",
+            "--model",
+            str(model_dir),
+            "--gpu",
+            "cpu",
+            "--metrics-port",
+            str(port),
+            "--out",
+            str(tmp_path),
+        )
     assert code == 2 and f"port {port} is in use" in err
     assert len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*/cpu.study.db"))  # failed before the study was opened
