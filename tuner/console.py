@@ -166,6 +166,11 @@ def print_search_result(outcome: Any, console: Console | None = None) -> None:
             f"  finalist {fin['name']}: mean {_num(fin['mean'])} "
             f"[{_num(fin['ci_low'])}, {_num(fin['ci_high'])}] over {len(fin['samples'])}"
         )
+    if record.get("pareto_front"):
+        out.print(
+            "Pareto front (output throughput vs p95 TPOT): " + ", ".join(record["pareto_front"]),
+            highlight=False,
+        )
     if result.within_noise:
         out.print(
             "[yellow]The best two finalists are within measurement noise: either is a "

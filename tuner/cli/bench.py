@@ -154,6 +154,13 @@ def bench(**opts: Any) -> None:
     from tuner.exporter import BenchExporter, exporting
 
     cfg = _config(opts)
+    if opts["gpu_name"] and opts["url"] is None:
+        from tuner.detect import check_gpu_choice, detect_gpus
+        from tuner.hardware import get_gpu
+
+        warning = check_gpu_choice(get_gpu(opts["gpu_name"]), detect_gpus())
+        if warning:
+            click.echo(f"vtune: warning: {warning}", err=True)
     info = {"model": opts["model"], "gpu": opts["gpu_name"] or "cpu"}
     with exporting(
         BenchExporter, opts["metrics_port"], opts["metrics_host"], opts["pushgateway"], info=info
