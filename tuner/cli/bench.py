@@ -10,16 +10,18 @@ import click
 
 from tuner.cli.common import (
     engine_args_option,
-    length_option,
     metrics_options,
     non_negative,
     positive_float,
     positive_int,
     slo_option,
+    workload_options,
+    workload_spec,
 )
 
 
 @click.command()
+@workload_options
 @click.option("--model", required=True, help="Model directory (or HF id in the local cache).")
 @click.option(
     "--gpu",
@@ -38,33 +40,6 @@ from tuner.cli.common import (
 @click.option("--url", default=None, help="Measure this running server instead of starting one.")
 @click.option("--served-model-name", default=None, help="Model name to send (default: server's).")
 @click.option("--tokenizer", default=None, help="Tokenizer directory (default: the model's).")
-@click.option(
-    "--input-len",
-    default="256",
-    show_default=True,
-    callback=length_option,
-    help="Prompt tokens: N or LOW:HIGH.",
-)
-@click.option(
-    "--output-len",
-    default=None,
-    callback=length_option,
-    help="Output tokens: N or LOW:HIGH (default 128; with --dataset: the answers').",
-)
-@click.option(
-    "--dataset",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="ShareGPT-format JSON file instead of random prompts.",
-)
-@click.option(
-    "--prefix-len",
-    default=0,
-    type=int,
-    callback=non_negative,
-    help="Tokens of shared prefix per prompt.",
-)
-@click.option("--num-prefixes", default=1, type=int, callback=positive_int)
 @click.option(
     "--rate",
     type=float,
@@ -110,12 +85,6 @@ from tuner.cli.common import (
     show_default=True,
     callback=positive_float,
     help="Per-request timeout in seconds.",
-)
-@click.option(
-    "--endpoint",
-    type=click.Choice(["completions", "chat"]),
-    default="completions",
-    show_default=True,
 )
 @click.option(
     "--slo",
@@ -183,7 +152,6 @@ def _config(o: dict[str, Any]) -> Any:
     from tuner import bench as core
     from tuner.engine import EngineSettings, LaunchConfig
     from tuner.load import LoadConfig
-    from tuner.workload import DEFAULT_OUTPUT_LEN, WorkloadSpec
 
     engine = launch = None
     if o["url"] is None:
@@ -196,18 +164,7 @@ def _config(o: dict[str, Any]) -> Any:
         raise click.BadParameter(
             "engine settings need a server to start; drop --url", param_hint="--engine-arg"
         )
-    output_len = o["output_len"]
-    if output_len is None and o["dataset"] is None:
-        output_len = DEFAULT_OUTPUT_LEN
-    workload = WorkloadSpec(
-        num_prompts=o["num_prompts"],
-        input_len=o["input_len"],
-        output_len=output_len,
-        dataset=o["dataset"],
-        prefix_len=o["prefix_len"],
-        num_prefixes=o["num_prefixes"],
-        seed=o["seed"],
-    )
+    workload = workload_spec(o, num_prompts=o["num_prompts"])
     load = LoadConfig(
         rate=o["rate"] if o["rate"] is not None else math.inf,
         burstiness=o["burstiness"],

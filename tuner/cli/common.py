@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -185,3 +186,71 @@ def metrics_options(fn: Any) -> Any:
         default=None,
         help="Serve vtune's Prometheus /metrics on this port while running.",
     )(fn)
+
+
+def workload_options(fn: Any) -> Any:
+    """The request-set options ``vtune bench`` and ``vtune search`` share: lengths, a ShareGPT
+    dataset, shared prefixes, and the endpoint."""
+    options = [
+        click.option(
+            "--input-len",
+            default="256",
+            show_default=True,
+            callback=length_option,
+            help="Prompt tokens: N or LOW:HIGH.",
+        ),
+        click.option(
+            "--output-len",
+            default=None,
+            callback=length_option,
+            help="Output tokens: N or LOW:HIGH (default 128; with --dataset: the answers').",
+        ),
+        click.option(
+            "--dataset",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="ShareGPT-format JSON file instead of random prompts.",
+        ),
+        click.option(
+            "--prefix-len",
+            default=0,
+            type=int,
+            callback=non_negative,
+            help="Tokens of shared prefix per prompt.",
+        ),
+        click.option(
+            "--num-prefixes",
+            default=1,
+            type=int,
+            callback=positive_int,
+            help="How many distinct shared prefixes.",
+        ),
+        click.option(
+            "--endpoint",
+            type=click.Choice(["completions", "chat"]),
+            default="completions",
+            show_default=True,
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def workload_spec(o: dict[str, Any], num_prompts: int = 100) -> Any:
+    """A WorkloadSpec from the options of :func:`workload_options`."""
+    from tuner.bench import WorkloadSpec
+    from tuner.workload import DEFAULT_OUTPUT_LEN
+
+    output_len = o["output_len"]
+    if output_len is None and o["dataset"] is None:
+        output_len = DEFAULT_OUTPUT_LEN
+    return WorkloadSpec(
+        num_prompts=num_prompts,
+        input_len=o["input_len"],
+        output_len=output_len,
+        dataset=o["dataset"],
+        prefix_len=o["prefix_len"],
+        num_prefixes=o["num_prefixes"],
+        seed=o["seed"],
+    )

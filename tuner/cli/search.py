@@ -11,11 +11,12 @@ import click
 from tuner.cli.common import (
     bytes_option,
     engine_args_option,
-    length_option,
     metrics_options,
     non_negative,
     positive_float,
     positive_int,
+    workload_options,
+    workload_spec,
 )
 
 
@@ -32,6 +33,7 @@ def _key_value(
 
 
 @click.command()
+@workload_options
 @click.option("--model", required=True, help="HF id, local directory or bundled card.")
 @click.option("--gpu", "gpu_name", required=True, help="GPU from the registry, or cpu.")
 @click.option("--slo", default=None, help='e.g. "ttft:p95<500ms;tpot:p95<50ms".')
@@ -98,29 +100,6 @@ def _key_value(
     callback=engine_args_option,
     help="A vLLM setting fixed for every trial, e.g. enforce_eager (repeatable).",
 )
-@click.option(
-    "--input-len",
-    default="256",
-    show_default=True,
-    callback=length_option,
-    help="Prompt tokens: N or LOW:HIGH.",
-)
-@click.option(
-    "--output-len",
-    default="128",
-    show_default=True,
-    callback=length_option,
-    help="Output tokens: N or LOW:HIGH.",
-)
-@click.option("--dataset", type=click.Path(path_type=Path), help="ShareGPT-format JSON file.")
-@click.option(
-    "--prefix-len",
-    type=int,
-    default=0,
-    callback=non_negative,
-    help="Tokens of shared prefix per prompt.",
-)
-@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions")
 @click.option("--max-model-len", type=int, callback=positive_int)
 @click.option(
     "--kv-cache-memory-bytes", callback=bytes_option, help="Fix the KV pool (default on cpu: 1GiB)."
@@ -212,7 +191,6 @@ def search(**o: Any) -> None:
 
 
 def _config(o: dict[str, Any]) -> Any:
-    from tuner.bench import WorkloadSpec
     from tuner.engine import LaunchConfig
     from tuner.search import SearchSettings
     from tuner.tune import TuneConfig
@@ -227,13 +205,7 @@ def _config(o: dict[str, Any]) -> Any:
         pareto=o["pareto"],
         seed=o["seed"],
     )
-    workload = WorkloadSpec(
-        input_len=o["input_len"],
-        output_len=o["output_len"],
-        dataset=o["dataset"],
-        prefix_len=o["prefix_len"],
-        seed=o["seed"],
-    )
+    workload = workload_spec(o)
     launch_kwargs: dict[str, Any] = {"startup_timeout_s": o["startup_timeout"]}
     if o["vllm_python"]:
         launch_kwargs["python"] = o["vllm_python"]
