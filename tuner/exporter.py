@@ -7,8 +7,7 @@
 * :class:`SearchExporter` is a :class:`~tuner.events.SearchObserver` that keeps the ``vtune_*``
   search metrics in its own :class:`CollectorRegistry` (never the global one) and pushes at
   the plan, at the end of each trial and at the finish when it has a gateway.
-* :class:`BenchExporter` holds the live metrics of ``vtune bench``: request counts, requests in
-  flight and latency histograms (seconds, Prometheus buckets) fed by :meth:`BenchExporter.observe`.
+* ``tuner.exporter_bench.BenchExporter`` holds the live metrics of ``vtune bench``.
 
 Metric names (all in seconds, tokens/s or requests/s as their names say):
 
@@ -47,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -60,7 +59,7 @@ log = logging.getLogger(__name__)
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 LATENCY_STATS = ("p50", "p95", "p99")
 TRIAL_STATES = (STATE_COMPLETE, STATE_FAILED, STATE_PRUNED)
-E = TypeVar("E", "SearchExporter", "BenchExporter")
+E = TypeVar("E")
 
 
 # --- serving and pushing ----------------------------------------------------------------------
@@ -222,6 +221,8 @@ class SearchExporter:
     at the finish. Hooks never raise because of Prometheus.
     """
 
+    default_job = "vtune-search"
+
     def __init__(
         self,
         registry: CollectorRegistry | None = None,
@@ -382,177 +383,6 @@ def _set(gauge: Any, value: Any) -> None:
     gauge.set(float(value) if isinstance(value, int | float) else math.nan)
 
 
-# --- the bench --------------------------------------------------------------------------------
-
-# Bucket bounds in seconds, close to vLLM's own so the two can be read side by side.
-TTFT_BUCKETS = (
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-    160.0,
-)
-TOKEN_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.015,
-    0.02,
-    0.025,
-    0.03,
-    0.04,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-)
-E2E_BUCKETS = (
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    40.0,
-    50.0,
-    60.0,
-    120.0,
-    240.0,
-    480.0,
-    960.0,
-)
-
-
-class BenchExporter:
-    """Live metrics of one benchmark run. The load loop calls :meth:`started` when it sends a
-    request (optional: it only drives the in-flight gauge) and :meth:`observe` with each
-    finished :class:`~tuner.load.RequestRecord`; :meth:`finish` sets the summary gauges and
-    pushes. Safe to call from the event loop thread; never raises because of Prometheus."""
-
-    def __init__(
-        self,
-        registry: CollectorRegistry | None = None,
-        pushgateway: Pushgateway | None = None,
-        info: Mapping[str, Any] | None = None,
-    ) -> None:
-        from tuner import __version__
-
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self.pushgateway = pushgateway
-        r = self.registry
-        Info("vtune_bench", "What this vtune bench runs", registry=r).info(
-            {"version": __version__, **{k: _label_value(v) for k, v in (info or {}).items()}}
-        )
-        self.requests = Counter(
-            "vtune_bench_requests", "Requests finished, by status", ["status"], registry=r
-        )
-        for status in ("ok", "error"):
-            self.requests.labels(status)
-        self.in_flight = Gauge("vtune_bench_requests_in_flight", "Requests in flight", registry=r)
-        self.output_tokens = Counter(
-            "vtune_bench_output_tokens", "Output tokens received", registry=r
-        )
-        self.prompt_tokens = Counter("vtune_bench_prompt_tokens", "Prompt tokens sent", registry=r)
-        self.ttft = Histogram(
-            "vtune_bench_ttft_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=r
-        )
-        self.tpot = Histogram(
-            "vtune_bench_tpot_seconds",
-            "Time per output token (after the first)",
-            buckets=TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "vtune_bench_itl_seconds",
-            "Inter-token latency (every gap)",
-            buckets=TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.e2el = Histogram(
-            "vtune_bench_e2el_seconds",
-            "End-to-end request latency",
-            buckets=E2E_BUCKETS,
-            registry=r,
-        )
-        self.output_tps = Gauge(
-            "vtune_bench_output_throughput", "Output tokens/s of the finished run", registry=r
-        )
-        self.request_tps = Gauge(
-            "vtune_bench_request_throughput", "Requests/s of the finished run", registry=r
-        )
-        self.output_tps.set(math.nan)
-        self.request_tps.set(math.nan)
-        self._flying = 0
-        self._lock = threading.Lock()
-
-    def started(self) -> None:
-        with self._lock:
-            self._flying += 1
-            self.in_flight.set(self._flying)
-
-    def observe(self, record: Any) -> None:
-        """Count one finished request (a RequestRecord) and feed its timings to the histograms.
-        Failed requests count under status="error" and feed no histogram."""
-        with self._lock:
-            self._flying = max(0, self._flying - 1)
-            self.in_flight.set(self._flying)
-        if record.error is not None:
-            self.requests.labels("error").inc()
-            return
-        self.requests.labels("ok").inc()
-        self.prompt_tokens.inc(max(0, record.prompt_len))
-        self.output_tokens.inc(max(0, record.num_output))
-        for hist, value in (
-            (self.ttft, record.ttft),
-            (self.tpot, record.tpot),
-            (self.e2el, record.e2el),
-        ):
-            if value is not None and value >= 0:
-                hist.observe(value)
-        for gap in record.itl:
-            self.itl.observe(gap)
-
-    def observe_all(self, records: Iterable[Any]) -> None:
-        """For a loop that has no per-request hook: feed a finished run's records at once."""
-        for rec in records:
-            self.observe(rec)
-
-    def finish(self, summary: Mapping[str, Any] | None = None) -> None:
-        """Set the run's throughputs (a ``BenchSummary.to_json()`` dict) and push."""
-        if summary is not None:
-            _set(self.output_tps, summary.get("output_throughput"))
-            _set(self.request_tps, summary.get("request_throughput"))
-        if self.pushgateway is not None:
-            self.pushgateway.push(self.registry)
-
-
 @contextlib.contextmanager
 def exporting(
     kind: type[E],
@@ -564,14 +394,15 @@ def exporting(
     grouping: Mapping[str, str] | None = None,
     info: Mapping[str, Any] | None = None,
 ) -> Iterator[E | None]:
-    """The CLI's one call: an exporter of ``kind`` (SearchExporter or BenchExporter) served on
+    """The CLI's one call: an exporter of ``kind`` (SearchExporter or BenchExporter, whose
+    ``default_job`` names the Pushgateway job) served on
     ``host:port`` and/or pushing to ``pushgateway`` (job "vtune-search" / "vtune-bench" unless
     given) for the duration of the block; None when neither is asked for. A taken port raises
     EngineError before the block runs; the endpoint is closed after it."""
     if port is None and pushgateway is None:
         yield None
         return
-    default_job = "vtune-bench" if kind is BenchExporter else "vtune-search"
+    default_job = getattr(kind, "default_job", "vtune")
     gateway = (
         Pushgateway(pushgateway, job=job or default_job, grouping=grouping) if pushgateway else None
     )

@@ -28,24 +28,30 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any
 
 from tuner.errors import DatasetError, ModelError, ParameterError, UnsupportedError
 from tuner.hardware import GpuSpec
 from tuner.model import ModelSpec, load_model
+from tuner.quant_backends import (
+    METHODS,
+    QUANT_DTYPE,
+    QuantBackend,
+    QuantJob,
+    edit_config,
+    get_backend,
+    write_json,
+)
 from tuner.safetensors_meta import read_checkpoint_info
 
-METHODS = ("awq", "gptq")
 MARKER = "vtune-quantize.json"
 """Written last into an output directory: the request's fingerprint and the result."""
 RECIPE_VERSION = 1  # bump when the build recipe changes, so cached outputs are rebuilt
 BUNDLED_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 MIN_CALIB_TOKENS = 32  # fewer tokens than this cannot calibrate anything meaningful
-QUANT_DTYPE = "float16"  # the saved dtype: what both tools and vLLM's plain AWQ kernel expect
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,148 +156,6 @@ class QuantizedModel:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class QuantJob:
-    """What a backend gets: the source, a fresh output directory and tokenized calibration."""
-
-    model: str
-    out_dir: Path
-    bits: int
-    group_size: int
-    blocks: list[list[int]] = field(repr=False)
-    model_type: str = ""  # config.json's model_type
-    dtype: str = QUANT_DTYPE  # torch dtype to calibrate in; the caller casts the output to fp16
-
-    @property
-    def seq_len(self) -> int:
-        return len(self.blocks[0])
-
-
-class QuantBackend(Protocol):
-    """One quantization tool. ``quantize`` writes weights and ``config.json`` (with its
-    ``quantization_config``) into ``job.out_dir``; tokenizer and marker are the caller's."""
-
-    name: ClassVar[str]
-    method: ClassVar[str]
-    modules: ClassVar[tuple[str, ...]]  # importable modules the tool needs
-    install: ClassVar[str]  # one-line install hint naming the packages
-
-    def quantize(self, job: QuantJob) -> None: ...
-
-
-class AutoAwqBackend:
-    """AWQ (4-bit, GEMM layout, zero points) with AutoAWQ 0.2.9."""
-
-    name: ClassVar[str] = "autoawq"
-    method: ClassVar[str] = "awq"
-    modules: ClassVar[tuple[str, ...]] = ("awq", "accelerate")
-    install: ClassVar[str] = "pip install autoawq==0.2.9"
-
-    def quantize(self, job: QuantJob) -> None:
-        import torch
-
-        with warnings.catch_warnings():  # AutoAWQ prints a deprecation notice on import
-            warnings.simplefilter("ignore")
-            from awq import AutoAWQForCausalLM
-            from awq.models.auto import AWQ_CAUSAL_LM_MODEL_MAP
-        from transformers import AutoTokenizer
-
-        if job.model_type not in AWQ_CAUSAL_LM_MODEL_MAP:
-            raise UnsupportedError(
-                f"AutoAWQ cannot quantize model type {job.model_type!r}; try --method gptq"
-            )
-
-        # transformers 5 ignores AutoAWQ's own ``torch_dtype=float16`` (it reads ``dtype``),
-        # so the dtype is passed through explicitly.
-        model = AutoAWQForCausalLM.from_pretrained(
-            job.model, dtype=getattr(torch, job.dtype), device_map="cpu", safetensors=True
-        )
-        model.quantize(
-            AutoTokenizer.from_pretrained(job.model),
-            quant_config={
-                "zero_point": True,
-                "q_group_size": job.group_size,
-                "w_bit": job.bits,
-                "version": "GEMM",
-            },
-            calib_data=job.blocks,  # list of token lists: no download, no re-tokenizing
-            max_calib_samples=len(job.blocks),
-            max_calib_seq_len=job.seq_len,
-            n_parallel_calib_samples=None,
-        )
-        model.save_quantized(str(job.out_dir))
-        _edit_config(job.out_dir, drop={"use_cache"})  # AutoAWQ saves use_cache=false
-
-
-class OptimumGptqBackend:
-    """GPTQ with Optimum's ``GPTQQuantizer`` (GPT-QModel underneath), saved in the v1 format
-    vLLM reads (symmetric, no act-order, sequential ``g_idx``)."""
-
-    name: ClassVar[str] = "optimum-gptq"
-    method: ClassVar[str] = "gptq"
-    modules: ClassVar[tuple[str, ...]] = ("optimum.gptq", "gptqmodel")
-    install: ClassVar[str] = (
-        "pip install optimum==2.3.0 && pip install --no-deps gptqmodel==7.6.0 threadpoolctl "
-        "device-smi pypcre tokenicer logbar defuser (see /work/notes/quantize.md)"
-    )
-
-    def quantize(self, job: QuantJob) -> None:
-        import torch
-        from optimum.gptq import GPTQQuantizer
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(job.model, dtype=getattr(torch, job.dtype))
-        dataset = [{"input_ids": [b], "attention_mask": [[1] * len(b)]} for b in job.blocks]
-        quantizer = GPTQQuantizer(
-            bits=job.bits,
-            dataset=dataset,
-            group_size=job.group_size,
-            model_seqlen=job.seq_len,
-            desc_act=False,
-            sym=True,
-        )
-        quantizer.quantize_model(model, AutoTokenizer.from_pretrained(job.model))
-        quantizer.save(model, str(job.out_dir))
-        # The saved config carries the whole calibration set and the pre-save "gptq_v2" format;
-        # quantize_config.json (written after the v1 conversion) holds the truth.
-        qc_file = job.out_dir / "quantize_config.json"
-        qc = json.loads(qc_file.read_text())
-        qc.pop("dataset", None)
-        qc_file.write_text(json.dumps(qc, indent=2) + "\n")
-        _edit_config(job.out_dir, set_={"quantization_config": qc})
-
-
-BACKENDS: dict[str, type[QuantBackend]] = {"awq": AutoAwqBackend, "gptq": OptimumGptqBackend}
-
-
-def get_backend(method: str) -> QuantBackend:
-    """The backend for ``method``; UnsupportedError naming the package to install when its tool
-    is missing, ParameterError for a method vtune cannot build."""
-    cls = BACKENDS.get(method.lower())
-    if cls is None:
-        raise ParameterError(
-            f"cannot build {method!r} checkpoints; choose from {', '.join(METHODS)}"
-        )
-    missing = [m for m in cls.modules if not _module_available(m)]
-    if missing:
-        raise UnsupportedError(
-            f"{cls.method} quantization needs {cls.name}, but module {missing[0]!r} is not "
-            f"installed: {cls.install}"
-        )
-    return cls()
-
-
-def _module_available(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # a missing parent package of a dotted name
-        return False
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks
-
-
 def check_method_on_gpu(method: str, gpu: GpuSpec) -> None:
     """UnsupportedError when vLLM on ``gpu`` cannot serve ``method`` checkpoints."""
     if not gpu.supports_quantization(method):
@@ -393,7 +257,7 @@ def quantize(
             calib_blocks=len(blocks),
             calib_seq_len=len(blocks[0]),
         )
-        _write_json(tmp / MARKER, {"fingerprint": fingerprint, "result": result.to_json()})
+        write_json(tmp / MARKER, {"fingerprint": fingerprint, "result": result.to_json()})
         if out_dir.exists():  # an earlier vtune output for another request (checked above)
             shutil.rmtree(out_dir)
         tmp.replace(out_dir)
@@ -441,7 +305,7 @@ def _cast_checkpoint(directory: Path, dtype: str) -> None:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
         cast = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
         save_file(cast, str(file), metadata={"format": "pt"})
-    _edit_config(directory, set_={"dtype": dtype}, drop={"torch_dtype"})
+    edit_config(directory, set_={"dtype": dtype}, drop={"torch_dtype"})
 
 
 def _load_tokenizer(model: str):
@@ -517,20 +381,3 @@ def _version(module: str) -> str | None:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _edit_config(
-    directory: Path, *, set_: dict[str, Any] | None = None, drop: set[str] | None = None
-) -> None:
-    file = directory / "config.json"
-    cfg = json.loads(file.read_text())
-    cfg.update(set_ or {})
-    for key in drop or ():
-        cfg.pop(key, None)
-    _write_json(file, cfg)
-
-
-def _write_json(file: Path, data: Any) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(file)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.prom import running_prometheus, running_pushgateway
-from tuner.exporter import BenchExporter, Pushgateway, SearchExporter, start_exporter
+from tuner.exporter import Pushgateway, SearchExporter, start_exporter
+from tuner.exporter_bench import BenchExporter
 from tuner.load import RequestRecord
 from tuner.record import TrialRecord
 

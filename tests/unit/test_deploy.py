@@ -27,7 +27,8 @@ from tuner.deploy import (
     render_serving,
 )
 from tuner.errors import ParameterError
-from tuner.exporter import BenchExporter, SearchExporter
+from tuner.exporter import SearchExporter
+from tuner.exporter_bench import BenchExporter
 from tuner.profile import render_profile, write_profile
 from tuner.record import TrialRecord
 

@@ -17,13 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from tuner.errors import EngineError, ParameterError
 from tuner.events import Fanout
 from tuner.exporter import (
-    BenchExporter,
     Pushgateway,
     SearchExporter,
     exporting,
     label_name,
     start_exporter,
 )
+from tuner.exporter_bench import BenchExporter
 from tuner.load import RequestRecord
 from tuner.record import TrialRecord
 

@@ -198,13 +198,13 @@ def test_valid_group_sizes_pass(tmp_path: Path) -> None:
 
 
 def test_missing_backend_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tuner.quantize._module_available", lambda name: name != "gptqmodel")
+    monkeypatch.setattr("tuner.quant_backends._module_available", lambda name: name != "gptqmodel")
     with pytest.raises(UnsupportedError) as exc:
         get_backend("gptq")
     message = str(exc.value)
     assert "module 'gptqmodel' is not installed" in message
     assert "pip install" in message and "\n" not in message
-    monkeypatch.setattr("tuner.quantize._module_available", lambda name: name != "awq")
+    monkeypatch.setattr("tuner.quant_backends._module_available", lambda name: name != "awq")
     with pytest.raises(UnsupportedError, match="pip install autoawq"):
         get_backend("awq")
 
@@ -377,7 +377,7 @@ def test_cli_already_quantized(capsys, tmp_path: Path) -> None:
 
 
 def test_cli_missing_backend(capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("tuner.quantize._module_available", lambda name: False)
+    monkeypatch.setattr("tuner.quant_backends._module_available", lambda name: False)
     model = write_config(tmp_path / "m")
     code, _, err = run_cli(
         capsys,

@@ -120,7 +120,8 @@ from tuner.cli.common import (
 def bench(**opts: Any) -> None:
     """Start vLLM (or use --url), run the load, print a table, write --json, stop vLLM."""
     from tuner import bench as core
-    from tuner.exporter import BenchExporter, exporting
+    from tuner.exporter import exporting
+    from tuner.exporter_bench import BenchExporter
 
     cfg = _config(opts)
     if opts["gpu_name"] and opts["url"] is None:
