@@ -59,8 +59,26 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     )
     server = VllmServer(settings, launch)
     with server:
+        _warm_up(server, tiny_model_dir)
         yield server
     assert server.survivors == [], f"vLLM processes survived teardown: {server.survivors}"
+
+
+def _warm_up(server: object, model_dir: Path) -> None:
+    """Send the batch shapes the tests use once, so that torch.compile's first-seen-shape work
+    (seconds each on a cold cache, as in CI) happens here rather than inside a measurement."""
+    import asyncio
+
+    from tuner.bench import measure
+    from tuner.load import LoadConfig
+    from tuner.workload import LengthRange, load_tokenizer, random_requests
+
+    tok = load_tokenizer(model_dir)
+    for concurrency in (1, 4, 16):
+        reqs = random_requests(tok, 2 * concurrency, LengthRange(16, 64), LengthRange.fixed(16))
+        load = LoadConfig(concurrency=concurrency, timeout_s=300)
+        url, name = server.url, server.info.model  # type: ignore[attr-defined]
+        asyncio.run(measure(url, name, reqs, load, scraper=False))
 
 
 def _leftover_vllm_processes() -> list[str]:
