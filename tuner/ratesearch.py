@@ -32,17 +32,20 @@ class SloLike(Protocol):
 
 @dataclass(frozen=True)
 class LoadPoint:
-    """One measurement's load: a Poisson rate (inf = closed loop) and a request count."""
+    """One measurement's load: a Poisson rate (inf = closed loop) and a request count, or a
+    duration (closed loop: the request set is cycled for that long)."""
 
     rate: float
     concurrency: int | None
     num_requests: int
+    duration_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "rate": None if math.isinf(self.rate) else self.rate,
             "concurrency": self.concurrency,
             "num_requests": self.num_requests,
+            "duration_s": self.duration_s,
         }
 
 
@@ -119,7 +122,8 @@ async def find_max_rate(
         if probe_rps_hint
         else max(cfg.min_requests, 2 * cfg.concurrency)
     )
-    probe = await measure(LoadPoint(math.inf, cfg.concurrency, probe_n))
+    # The probe lasts seconds_per_point whatever the throughput turns out to be.
+    probe = await measure(LoadPoint(math.inf, cfg.concurrency, probe_n, cfg.seconds_per_point))
     points.append(probe)
     capacity = probe.summary.request_throughput
     if not capacity or math.isnan(capacity) or probe.summary.completed == 0:

@@ -198,7 +198,8 @@ class VllmTrialRunner:
         cfg = LoadConfig(
             rate=load.rate,
             concurrency=load.concurrency,
-            num_requests=load.num_requests,
+            num_requests=None if load.duration_s else load.num_requests,
+            duration_s=load.duration_s,
             warmup=warmup,
             timeout_s=self.setup.request_timeout_s,
             endpoint=self.setup.endpoint,
@@ -281,6 +282,7 @@ def _best_load(record: TrialRecord) -> LoadPoint | None:
         math.inf if rate is None else float(rate),
         load.get("concurrency"),
         int(load["num_requests"]),
+        load.get("duration_s"),
     )
 
 

@@ -335,7 +335,10 @@ def profile_config(prep: Prepared, result: SearchResult) -> dict[str, Any]:
     best = result.best
     assert best is not None
     variant = prep.target.variants[best.variant]
-    values: dict[str, Any] = {"model": variant.model}
+    model = variant.model
+    if Path(model).exists():  # a local directory: absolute, so the profile loads from anywhere
+        model = str(Path(model).resolve())
+    values: dict[str, Any] = {"model": model}
     if variant.flag:
         values["quantization"] = variant.flag
     settings = fixed_settings(prep)
@@ -386,6 +389,11 @@ def build_record(prep: Prepared, result: SearchResult, url: str, started: float)
             "best": best.objective,
             "ratio": ratio,
         }
+        # Re-measured finalists: the same comparison on the means, which noise moves less.
+        means = {f.name: f.mean for f in result.finalists if len(f.samples) > 1}
+        if base.name in means and best.name in means and means[base.name] > 0:
+            b, m = means[base.name], means[best.name]
+            gain["ratio_of_finalist_means"] = b / m if cfg.settings.minimize else m / b
     plan_ = prep.plan
     return {
         "schema": SCHEMA,
