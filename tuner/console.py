@@ -181,6 +181,8 @@ def print_search_result(outcome: Any, console: Console | None = None) -> None:
         out.print("[bold red]No configuration met the SLO.[/]")
         return
     out.print(f"[bold green]Chosen:[/] {record['best']}  ->  {outcome.yaml_path}")
+    if gain.get("ratio_of_finalist_means"):
+        out.print(f"On the re-measured finalists' means: x{gain['ratio_of_finalist_means']:.2f}")
     if gain.get("ratio"):
         out.print(
             f"Measured gain over vLLM defaults: x{gain['ratio']:.2f} "
