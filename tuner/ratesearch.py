@@ -1,8 +1,10 @@
 """The highest request rate that meets the SLO, within one server launch.
 
-A capacity probe (closed loop at the candidate's max concurrency) gives the saturated rate; if
-that already meets the SLO it is the answer. Otherwise a low rate is checked, and the rates in
-between are bisected. ``measure`` is injected, so the search is testable without a server.
+A capacity probe (closed loop at the candidate's max concurrency, for ``seconds_per_point``)
+gives the saturated rate; if that already meets the SLO it is the answer. Otherwise a low rate
+(a quarter of capacity; a quarter of that again if it fails) brackets the answer from below,
+and the rates in between are bisected. ``measure`` is injected, so the search is testable
+without a server.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class RateSearchConfig:
     max_requests: int = 2000
     iterations: int = 3
     low_fraction: float = 0.25
+    step_downs: int = 1
     tolerance: float = 0.1
 
     def requests_for(self, rate: float) -> int:
@@ -138,17 +141,25 @@ async def find_max_rate(
             "the SLO holds at saturation (closed loop at max concurrency)",
         )
 
+    # A low rate that meets the SLO brackets the answer from below; when it fails, step down
+    # (a fraction at a time) before calling the candidate infeasible.
+    hi_rate = capacity
     lo_rate = capacity * cfg.low_fraction
-    low = await measure(LoadPoint(lo_rate, None, cfg.requests_for(lo_rate)))
-    points.append(low)
-    if not low.slo_met:
+    for _ in range(1 + cfg.step_downs):
+        low = await measure(LoadPoint(lo_rate, None, cfg.requests_for(lo_rate)))
+        points.append(low)
+        if low.slo_met:
+            break
+        hi_rate, lo_rate = lo_rate, lo_rate * cfg.low_fraction
+    else:
         return RateSearchResult(
             tuple(points),
             None,
             capacity,
-            f"the SLO fails even at {lo_rate:.3g} req/s ({cfg.low_fraction:.0%} of capacity)",
+            f"the SLO fails even at {hi_rate:.3g} req/s "
+            f"({hi_rate / capacity:.1%} of capacity)",
         )
-    best, hi_rate = low, capacity
+    best = low
     for _ in range(cfg.iterations):
         if (hi_rate - lo_rate) / hi_rate <= cfg.tolerance:
             break

@@ -88,7 +88,17 @@ async def test_infeasible_slo_scores_zero() -> None:
     result = await find_max_rate(server.measure, slo, RateSearchConfig(concurrency=4))
     assert result.best is None and "fails even at" in result.reason
     assert objective_value(result, "throughput") == 0.0
-    assert len(server.loads) == 2
+    # the probe, the low rate, and one step down before giving up
+    assert len(server.loads) == 2 + RateSearchConfig(concurrency=4).step_downs
+
+
+async def test_a_failed_low_rate_steps_down_before_giving_up() -> None:
+    slo = TtftSlo(0.11)  # met below about 0.9 req/s only: 25 % of capacity (2.5) is too much
+    server = QueueServer(slo)
+    cfg = RateSearchConfig(concurrency=4, iterations=4, tolerance=0.01)
+    result = await find_max_rate(server.measure, slo, cfg)
+    assert result.best is not None
+    assert 0.6 <= result.best.load.rate < 0.91
 
 
 async def test_slo_met_at_saturation_stops_after_probe() -> None:
