@@ -10,6 +10,8 @@ Rules (names appear in the plan and the JSON record):
 - ``dominated``: max_num_seqs far past both the KV-feasible concurrency and the roofline knee.
 - ``kv-capacity``: max_num_seqs x the workload's context exceeds the KV capacity: capped to what
   fits, or dropped when the capped candidate repeats another.
+- ``same-as-defaults``: every knob equals what vLLM uses when it is left unset, so the baseline
+  trial already measures it.
 """
 
 from __future__ import annotations
@@ -30,8 +32,19 @@ RULE_NO_CHUNKED = "no-chunked-prefill"
 RULE_NO_FIT = "does-not-fit"
 RULE_DOMINATED = "dominated"
 RULE_KV = "kv-capacity"
+RULE_DEFAULTS = "same-as-defaults"
 # max_num_seqs beyond this multiple of max(KV-feasible concurrency, knee) cannot pay off.
 DOMINANCE_FACTOR = 4.0
+# vLLM 0.32's values for knobs left unset (batch limits: estimate.default_batch_limits);
+# knobs not listed here are never assumed to equal a default.
+VLLM_KNOB_DEFAULTS = {
+    "gpu_memory_utilization": 0.9,
+    "kv_cache_dtype": "auto",
+    "enable_chunked_prefill": True,
+    "enable_prefix_caching": True,
+    "quantization": "none",
+    "tensor_parallel_size": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,22 @@ class Plan:
     def all(self) -> list[Planned]:
         return [self.baseline, *self.candidates]
 
+    def first_picks(self, n: int) -> list[Planned]:
+        """The baseline and ``n`` analytically best candidates whose predictions differ.
+
+        Candidates the estimator cannot tell apart (e.g. one max_num_seqs with several
+        max_num_batched_tokens) are ties: measuring several of them first spends the budget
+        on one point of the model's ranking, so ties wait for the sampler (or fill up when
+        there are fewer than ``n`` distinct predictions)."""
+        distinct: list[Planned] = []
+        ties: list[Planned] = []
+        seen: set[float] = set()
+        for planned in self.candidates:
+            key = float(f"{planned.predicted_tokens_per_s:.3g}")
+            (ties if key in seen else distinct).append(planned)
+            seen.add(key)
+        return [self.baseline, *(distinct + ties)[:n]]
+
 
 def default_space(target: Target, *, shared_prefix: bool = False) -> Space:
     """vtune's default space for this GPU and model: ladders of max_num_seqs and
@@ -176,6 +205,13 @@ def plan(space: Space, target: Target, *, max_candidates: int = 5000) -> Plan:
     assert not isinstance(baseline_outcome, Pruned)
     baseline = baseline_outcome[0]
     kept.pop(baseline.name, None)
+    defaults = effective_knobs(baseline.candidate, target)
+    for name, planned in list(kept.items()):
+        if effective_knobs(planned.candidate, target) == defaults:
+            del kept[name]
+            knobs = ", ".join(f"{k}={v}" for k, v in planned.candidate.knobs().items())
+            reason = f"{knobs}: vLLM's defaults on {target.gpu.name}, measured by the baseline"
+            pruned.append(Pruned(planned.candidate, RULE_DEFAULTS, reason))
     if not kept:
         counts = Counter(p.rule for p in pruned)
         detail = ", ".join(f"{n} by {rule}" for rule, n in counts.most_common())
@@ -183,6 +219,25 @@ def plan(space: Space, target: Target, *, max_candidates: int = 5000) -> Plan:
         raise ParameterError(f"every candidate was pruned ({detail}); e.g. {example}")
     ordered = sorted(kept.values(), key=lambda p: (-p.predicted_tokens_per_s, p.name))
     return Plan(baseline, tuple(ordered), tuple(pruned), tuple(capped), space.size())
+
+
+def effective_knobs(cand: Candidate, target: Target) -> dict[str, object] | None:
+    """The knobs vLLM will run ``cand`` with (its own values over vLLM's defaults); None when
+    it sets a knob whose default vtune does not model, so it is never taken for the defaults."""
+    knobs = cand.knobs()
+    known = {"max_num_seqs", "max_num_batched_tokens", *VLLM_KNOB_DEFAULTS}
+    if set(knobs) - known:
+        return None
+    values: dict[str, object] = {**VLLM_KNOB_DEFAULTS, **knobs}
+    values["quantization"] = values["quantization"] or "none"
+    default_mbt, default_seqs = default_batch_limits(
+        target.gpu, int(values["tensor_parallel_size"])
+    )
+    values.setdefault("max_num_seqs", default_seqs)
+    if values["enable_chunked_prefill"] is False:
+        return values  # vLLM's token budget then depends on max_model_len; not the defaults
+    values.setdefault("max_num_batched_tokens", default_mbt)
+    return values
 
 
 def evaluate(

@@ -156,8 +156,7 @@ async def find_max_rate(
             tuple(points),
             None,
             capacity,
-            f"the SLO fails even at {hi_rate:.3g} req/s "
-            f"({hi_rate / capacity:.1%} of capacity)",
+            f"the SLO fails even at {hi_rate:.3g} req/s ({hi_rate / capacity:.1%} of capacity)",
         )
     best = low
     for _ in range(cfg.iterations):

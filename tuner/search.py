@@ -37,6 +37,8 @@ OBJECTIVES = ("throughput", "goodput", "latency")
 # After this many sampled trials in a row that ran nothing (pruned or already measured), the
 # sampler has nothing new to offer: the search stops.
 MAX_IDLE_ASKS = 40
+# Candidates queued in analytic order before the sampler (TPE) takes over.
+ANALYTIC_FIRST = 3
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ class Search:
 
     def _enqueue(self, done: dict[str, TrialRecord], grid: bool) -> None:
         pending = pending_names(self.study)
-        queue = self.plan.all() if grid else self.plan.all()[:4]
+        queue = self.plan.all() if grid else self.plan.first_picks(ANALYTIC_FIRST)
         for planned in queue:
             if planned.name in done or planned.name in pending:
                 continue

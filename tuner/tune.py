@@ -243,27 +243,7 @@ def run_search(prep: Prepared, observer: Any = None) -> TuneOutcome:
     url = storage_for(prep)
     sampler = make_sampler(cfg.settings, queue_all(prep.plan, cfg.settings))
     study = open_study(url, prep.study_name, directions(cfg.settings), sampler)
-    launch = replace(
-        cfg.launch, log_dir=prep.work_dir / "logs", device="cpu" if prep.gpu.is_cpu else "cuda"
-    )
-    default_seqs = prep.plan.baseline.max_concurrency
-    setup = TrialSetup(
-        tokenizer=cfg.model,
-        workload=cfg.workload,
-        launch=launch,
-        log_dir=prep.work_dir / "logs",
-        slo=prep.slo,
-        objective=cfg.settings.objective,
-        latency_rate=cfg.latency_rate,
-        fixed=fixed_settings(prep),
-        rate=RateSearchConfig(
-            concurrency=_baseline_seqs(prep, default_seqs),
-            seconds_per_point=cfg.seconds_per_point,
-            iterations=cfg.iterations,
-        ),
-        endpoint=cfg.endpoint,
-    )
-    runner = VllmTrialRunner(setup, observer)
+    runner = VllmTrialRunner(trial_setup(prep), observer)
     search = Search(
         study,
         prep.plan,
@@ -290,6 +270,30 @@ def run_search(prep: Prepared, observer: Any = None) -> TuneOutcome:
     observer_call(observer, "on_finish", record)
     observer_call(observer, "on_phase", "done")
     return TuneOutcome(prep, result, record, yaml_path)
+
+
+def trial_setup(prep: Prepared) -> TrialSetup:
+    """How every trial of this search launches vLLM and measures it."""
+    cfg = prep.config
+    launch = replace(
+        cfg.launch, log_dir=prep.work_dir / "logs", device="cpu" if prep.gpu.is_cpu else "cuda"
+    )
+    return TrialSetup(
+        tokenizer=cfg.model,
+        workload=cfg.workload,
+        launch=launch,
+        log_dir=prep.work_dir / "logs",
+        slo=prep.slo,
+        objective=cfg.settings.objective,
+        latency_rate=cfg.latency_rate,
+        fixed=fixed_settings(prep),
+        rate=RateSearchConfig(
+            concurrency=_baseline_seqs(prep, prep.plan.baseline.max_concurrency),
+            seconds_per_point=cfg.seconds_per_point,
+            iterations=cfg.iterations,
+        ),
+        endpoint=cfg.endpoint,
+    )
 
 
 def _materialize_variants(prep: Prepared, observer: Any) -> None:

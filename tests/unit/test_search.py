@@ -58,7 +58,7 @@ class FakeRunner:
 
 
 def make(
-    tmp_path: Path, seqs: tuple[int, ...], settings: SearchSettings, runner: FakeRunner
+    tmp_path: Path, seqs: tuple[int, ...] | Space, settings: SearchSettings, runner: FakeRunner
 ) -> Search:
     spec = load_model("qwen2.5-0.5b")
     target = Target(
@@ -67,7 +67,7 @@ def make(
         context_len=512,
         max_model_len=2048,
     )
-    space = Space({"max_num_seqs": seqs})
+    space = seqs if isinstance(seqs, Space) else Space({"max_num_seqs": seqs})
     p = plan(space, target)
     sampler = make_sampler(settings, queue_all(p, settings))
     study = open_study(storage_url(None, tmp_path / "study.db"), "s", ["maximize"], sampler)
@@ -146,3 +146,13 @@ def test_tpe_sampled_search_skips_duplicates_and_records_in_study(tmp_path: Path
     assert len(runner.measured) == 4 and len(set(runner.measured)) == 4
     assert set(finished_records(search.study)) == set(runner.measured)
     assert result.pareto  # every complete trial with a best point takes part
+
+
+def test_tpe_search_measures_distinct_analytic_picks_first(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    settings = SearchSettings(budget=4, sampler="tpe", repeats=0)
+    space = Space({"max_num_seqs": (8, 32, 128), "max_num_batched_tokens": (2048, 4096, 8192)})
+    make(tmp_path, space, settings, runner).run()
+    # Baseline, then one candidate per distinct prediction, not 128 with three token budgets.
+    assert runner.measured[0] == "vllm-defaults"
+    assert [n.split("-")[0] for n in runner.measured[1:]] == ["seqs128", "seqs32", "seqs8"]

@@ -10,6 +10,7 @@ from tuner.errors import ParameterError
 from tuner.hardware import get_gpu
 from tuner.model import load_model
 from tuner.prune import (
+    RULE_DEFAULTS,
     RULE_DOMINATED,
     RULE_INVALID,
     RULE_KV,
@@ -135,6 +136,46 @@ def test_plan_orders_by_prediction_and_dedupes_caps() -> None:
     assert p.baseline.candidate.is_baseline
     # 64 and 128 both cap to what fits: one survives, the other is pruned as a repeat.
     assert any(pr.rule == RULE_KV for pr in p.pruned)
+
+
+def test_first_picks_skip_ties_of_the_analytic_model() -> None:
+    # max_num_batched_tokens does not change the decode prediction: per max_num_seqs, ties.
+    t = target("cpu", model="qwen2.5-0.5b", context=512, max_model_len=2048)
+    p = plan(Space({"max_num_seqs": (8, 32, 128), "max_num_batched_tokens": (1024, 4096)}), t)
+    picks = p.first_picks(3)
+    assert picks[0].candidate.is_baseline
+    assert [c.candidate.max_num_seqs for c in picks[1:]] == [128, 32, 8]
+    # Fewer distinct predictions than asked: the ties fill up, best first, no repeats.
+    more = p.first_picks(5)
+    assert [c.candidate.max_num_seqs for c in more[1:]] == [128, 32, 8, 128, 32]
+    assert len({c.name for c in more}) == 6
+
+
+def test_candidate_equal_to_vllm_defaults_is_left_to_the_baseline() -> None:
+    # vLLM 0.32 on CPU: max_num_seqs 128, max_num_batched_tokens 2048 when unset.
+    t = target("cpu", model="qwen2.5-0.5b", context=512, max_model_len=2048)
+    p = plan(Space({"max_num_seqs": (64, 128), "max_num_batched_tokens": (2048, 4096)}), t)
+    dropped = [pr for pr in p.pruned if pr.rule == RULE_DEFAULTS]
+    assert [pr.candidate.name for pr in dropped] == ["seqs128-mbt2048"]
+    assert "measured by the baseline" in dropped[0].reason
+    assert {c.name for c in p.candidates} == {"seqs64-mbt2048", "seqs64-mbt4096", "seqs128-mbt4096"}
+    # A knob vtune does not model the default of (block size) is never taken for the defaults,
+    # nor is chunked prefill off, whose token budget follows max_model_len.
+    for extra in ({"block_size": (128,)}, {"enable_chunked_prefill": (False,)}):
+        space = Space({"max_num_seqs": (128,), "max_num_batched_tokens": (2048,), **extra})
+        assert not [pr for pr in plan(space, t).pruned if pr.rule == RULE_DEFAULTS]
+    # On an H100 the defaults are 1024 / 8192 (and gpu_memory_utilization 0.9).
+    h = target("h100", model="qwen2.5-0.5b", context=512)
+    space = Space(
+        {
+            "max_num_seqs": (1024,),
+            "max_num_batched_tokens": (8192,),
+            "gpu_memory_utilization": (0.9, 0.95),
+        }
+    )
+    assert [pr.candidate.name for pr in plan(space, h).pruned if pr.rule == RULE_DEFAULTS] == [
+        "seqs1024-mbt8192-gmu0.9"
+    ]
 
 
 def test_empty_plan_names_the_rule() -> None:

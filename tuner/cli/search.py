@@ -190,6 +190,12 @@ def search(**o: Any) -> None:
     tune.ensure_feasible(outcome)
 
 
+def tune_config(argv: list[str]) -> Any:
+    """The TuneConfig ``vtune search ARGV`` would run (benchmarks re-create a search's setup)."""
+    ctx = search.make_context("search", list(argv))
+    return _config(ctx.params)
+
+
 def _config(o: dict[str, Any]) -> Any:
     from tuner.engine import LaunchConfig
     from tuner.search import SearchSettings
