@@ -101,10 +101,20 @@ def print_plan(prep: Any, *, verbose: bool = False, console: Console | None = No
             "Pruned by rule: "
             + ", ".join(f"{rule} {n}" for rule, n in sorted(counts.items(), key=lambda x: -x[1]))
         )
-    table = Table(title="Trial order (analytically best first)", title_justify="left")
+    from tuner.search import ANALYTIC_FIRST, queue_all
+
+    settings = prep.config.settings
+    order = plan.all()
+    title = "Trial order (analytically best first)"
+    if not queue_all(plan, settings):
+        first = plan.first_picks(ANALYTIC_FIRST)
+        order = first + [p for p in order if p not in first]
+        sampler = "NSGA-II" if settings.pareto or settings.sampler == "nsga2" else "TPE"
+        title = f"Candidates: the first {len(first)} run in this order, then {sampler} chooses"
+    table = Table(title=title, title_justify="left")
     for col in ("#", "candidate", "predicted tok/s", "KV-feasible seqs", "knee"):
         table.add_column(col, justify="right" if col != "candidate" else "left")
-    rows = plan.all() if verbose else plan.all()[:12]
+    rows = order if verbose else order[:12]
     for i, p in enumerate(rows):
         knee = "-" if p.roofline_knee_batch is None else f"{p.roofline_knee_batch:,.0f}"
         table.add_row(
@@ -182,11 +192,15 @@ def print_search_result(outcome: Any, console: Console | None = None) -> None:
         return
     out.print(f"[bold green]Chosen:[/] {record['best']}  ->  {outcome.yaml_path}")
     if gain.get("ratio_of_finalist_means"):
-        out.print(f"On the re-measured finalists' means: x{gain['ratio_of_finalist_means']:.2f}")
-    if gain.get("ratio"):
+        out.print(
+            f"Measured gain over vLLM defaults: x{gain['ratio_of_finalist_means']:.2f} on the "
+            f"re-measured means (first runs: x{gain['ratio'] or 0:.2f}, {objective} "
+            f"{_num(gain['baseline'])} -> {_num(gain['best'])})"
+        )
+    elif gain.get("ratio"):
         out.print(
             f"Measured gain over vLLM defaults: x{gain['ratio']:.2f} "
-            f"({objective} {_num(gain['baseline'])} -> {_num(gain['best'])})"
+            f"({objective} {_num(gain['baseline'])} -> {_num(gain['best'])}; one run each)"
         )
     elif record.get("baseline"):
         out.print("vLLM defaults did not meet the SLO (or failed): gain not defined.")

@@ -364,7 +364,10 @@ def profile_header(prep: Prepared, result: SearchResult, record: dict[str, Any])
         f"Chosen: {best.name} -> {prep.config.settings.objective} {best.objective:.4g}",
     ]
     if base is not None and base.objective is not None and gain:
-        lines.append(f"vLLM defaults: {base.objective:.4g}; gain x{gain.get('ratio') or 0:.3g}")
+        line = f"vLLM defaults: {base.objective:.4g}; gain x{gain.get('ratio') or 0:.3g}"
+        if gain.get("ratio_of_finalist_means"):
+            line += f" (x{gain['ratio_of_finalist_means']:.3g} on the re-measured means)"
+        lines.append(line)
     if result.within_noise:
         lines.append("Note: the best two finalists are within measurement noise of each other.")
     lines.append(f"Trials: {len(result.records)} finished; record: {prep.json_path.name}")

@@ -59,6 +59,30 @@ def test_dry_run_prints_the_plan(
     assert not list(tmp_path.glob("*/cpu.yaml"))  # nothing written
 
 
+def test_dry_run_of_a_sampled_search_shows_the_first_picks_then_the_sampler(
+    capsys: pytest.CaptureFixture[str], model_dir: Path, tmp_path: Path
+) -> None:
+    args = [
+        "search",
+        "--model",
+        str(model_dir),
+        "--gpu",
+        "cpu",
+        "--dry-run",
+        "--out",
+        str(tmp_path),
+    ]
+    space = ["--param", "max_num_seqs=8,32,128", "--param", "max_num_batched_tokens=1024,4096"]
+    code, out, _ = run(capsys, *args, *space, "--budget", "3")
+    assert code == 0
+    assert "the first 4 run in this order, then TPE chooses" in out
+    rows = [line.split()[3] for line in out.splitlines() if line.startswith("│")]
+    # Baseline, then one per distinct prediction; the token-budget ties come after.
+    assert rows[:4] == ["vllm-defaults", "seqs128-mbt1024", "seqs32-mbt1024", "seqs8-mbt1024"]
+    code, out, _ = run(capsys, *args, *space)
+    assert "Trial order (analytically best first)" in out  # no budget: the whole grid
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
