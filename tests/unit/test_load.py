@@ -290,6 +290,28 @@ async def test_warmup_is_sent_first_and_excluded_from_the_window():
     assert len(res.measured) == 10 and {r.index for r in res.measured} == set(range(2, 12))
 
 
+async def test_gc_is_frozen_only_while_measuring():
+    import gc
+
+    frozen: list[int] = []
+
+    class Watch:
+        def started(self) -> None:
+            frozen.append(gc.get_freeze_count())
+
+        def observe(self, record: object) -> None:
+            pass
+
+    before = gc.get_freeze_count()
+    async with FakeServer(Behaviour(token_delay_s=0.001)) as srv:
+        res = await run_load(srv.url, "fake", _reqs(6), LoadConfig(warmup=1), observer=Watch())
+    assert all(r.ok for r in res.records)
+    # Everything alive at the start (the request pool among it) is out of the collector's
+    # way during the window, and given back afterwards.
+    assert len(frozen) == 5 and min(frozen) > before
+    assert gc.get_freeze_count() == before
+
+
 async def test_num_requests_cycles_the_set():
     async with FakeServer() as srv:
         res = await run_load(srv.url, "fake", _reqs(3), LoadConfig(num_requests=7))
