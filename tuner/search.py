@@ -285,12 +285,11 @@ class Search:
         """Re-measure the top candidates and vLLM's defaults (so that the gain, too, is taken
         on means: one unlucky baseline run would inflate it); returns them best first, the
         noise verdict, and the engine time the re-runs took."""
-        ranked = self._ranked(done)[: self.settings.finalists]
+        everyone = self._ranked(done)
+        ranked = everyone[: self.settings.finalists]
         if self.settings.repeats <= 0 or len(ranked) < 2:
             return [Finalist.of(r.name, [r.objective or 0.0]) for r in ranked], False, 0.0
-        base = done.get(self.plan.baseline.name)
-        if base is not None and base not in ranked and base.state == STATE_COMPLETE:
-            ranked.append(base)
+        ranked += [r for r in everyone[len(ranked) :] if r.name == self.plan.baseline.name]
         self.observer.on_phase("finalists", ", ".join(r.name for r in ranked))
         finalists = []
         seconds = 0.0

@@ -131,6 +131,19 @@ def test_finalists_rerun_and_noise_verdict(tmp_path: Path) -> None:
     assert runner2.remeasured == [] and runner2.measured == []
 
 
+def test_baseline_outside_the_top_is_remeasured_with_the_finalists(tmp_path: Path) -> None:
+    runner = FakeRunner(noise=0.01)  # the baseline runs at vLLM's 128 sequences: the slowest
+    settings = SearchSettings(finalists=2, repeats=2)
+    result = make(tmp_path, (140, 150, 160), settings, runner).run()
+    assert runner.remeasured == ["seqs160", "seqs150", "vllm-defaults"]
+    assert [f.name for f in result.finalists] == ["seqs160", "seqs150", "vllm-defaults"]
+    assert result.best is not None and result.best.name == "seqs160"
+    # A baseline that failed (or never met the SLO) has no rate to re-measure.
+    runner = FakeRunner(fail={128})
+    make(tmp_path / "again", (140, 150, 160), settings, runner).run()
+    assert runner.remeasured == ["seqs160", "seqs150"]
+
+
 def test_clear_winner_is_not_within_noise(tmp_path: Path) -> None:
     result = make(
         tmp_path, (2, 8), SearchSettings(finalists=2, repeats=2), FakeRunner(noise=0.001)
