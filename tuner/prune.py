@@ -205,13 +205,11 @@ def plan(space: Space, target: Target, *, max_candidates: int = 5000) -> Plan:
     assert not isinstance(baseline_outcome, Pruned)
     baseline = baseline_outcome[0]
     kept.pop(baseline.name, None)
-    defaults = effective_knobs(baseline.candidate, target)
     for name, planned in list(kept.items()):
-        if effective_knobs(planned.candidate, target) == defaults:
+        same = same_as_defaults(planned.candidate, target)
+        if same is not None:
             del kept[name]
-            knobs = ", ".join(f"{k}={v}" for k, v in planned.candidate.knobs().items())
-            reason = f"{knobs}: vLLM's defaults on {target.gpu.name}, measured by the baseline"
-            pruned.append(Pruned(planned.candidate, RULE_DEFAULTS, reason))
+            pruned.append(same)
     if not kept:
         counts = Counter(p.rule for p in pruned)
         detail = ", ".join(f"{n} by {rule}" for rule, n in counts.most_common())
@@ -219,6 +217,15 @@ def plan(space: Space, target: Target, *, max_candidates: int = 5000) -> Plan:
         raise ParameterError(f"every candidate was pruned ({detail}); e.g. {example}")
     ordered = sorted(kept.values(), key=lambda p: (-p.predicted_tokens_per_s, p.name))
     return Plan(baseline, tuple(ordered), tuple(pruned), tuple(capped), space.size())
+
+
+def same_as_defaults(cand: Candidate, target: Target) -> Pruned | None:
+    """The ``same-as-defaults`` decision for a (non-baseline) candidate, None when it differs."""
+    if effective_knobs(cand, target) != effective_knobs(Candidate(), target):
+        return None
+    knobs = ", ".join(f"{k}={v}" for k, v in cand.knobs().items())
+    reason = f"{knobs}: vLLM's defaults on {target.gpu.name}, measured by the baseline"
+    return Pruned(cand, RULE_DEFAULTS, reason)
 
 
 def effective_knobs(cand: Candidate, target: Target) -> dict[str, object] | None:

@@ -169,3 +169,20 @@ def test_tpe_search_measures_distinct_analytic_picks_first(tmp_path: Path) -> No
     # Baseline, then one candidate per distinct prediction, not 128 with three token budgets.
     assert runner.measured[0] == "vllm-defaults"
     assert [n.split("-")[0] for n in runner.measured[1:]] == ["seqs128", "seqs32", "seqs8"]
+
+
+def test_sampler_never_measures_vllm_defaults_twice(tmp_path: Path) -> None:
+    # On CPU, seqs128-mbt2048 is exactly vLLM's defaults: the plan prunes it, and when TPE
+    # suggests it anyway it is told as pruned, not launched.
+    runner = FakeRunner()
+    space = Space({"max_num_seqs": (64, 128), "max_num_batched_tokens": (2048, 4096)})
+    result = make(tmp_path, space, SearchSettings(budget=20, sampler="tpe", repeats=0), runner)
+    result = result.run()
+    assert "seqs128-mbt2048" not in runner.measured
+    assert sorted(runner.measured) == [
+        "seqs128-mbt4096",
+        "seqs64-mbt2048",
+        "seqs64-mbt4096",
+        "vllm-defaults",
+    ]
+    assert any(p.candidate.name == "seqs128-mbt2048" for p in result.sampled_pruned)
