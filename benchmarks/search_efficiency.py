@@ -86,6 +86,9 @@ def referee(argv: list[str], names: list[str], rounds: int) -> dict[str, list[fl
     prep = tune.prepare(tune_config(argv))
     runner = VllmTrialRunner(tune.trial_setup(prep))
     planned = {p.name: p for p in prep.plan.all()}
+    missing = [n for n in names if n not in planned]
+    if missing:  # e.g. a reused grid from code that planned differently
+        sys.exit(f"referee: {', '.join(missing)} not in today's plan; rerun without --reuse")
     values: dict[str, list[float]] = {name: [] for name in names}
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
