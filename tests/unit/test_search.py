@@ -176,8 +176,8 @@ def test_sampler_never_measures_vllm_defaults_twice(tmp_path: Path) -> None:
     # suggests it anyway it is told as pruned, not launched.
     runner = FakeRunner()
     space = Space({"max_num_seqs": (64, 128), "max_num_batched_tokens": (2048, 4096)})
-    result = make(tmp_path, space, SearchSettings(budget=20, sampler="tpe", repeats=0), runner)
-    result = result.run()
+    search = make(tmp_path, space, SearchSettings(budget=20, sampler="tpe", repeats=0), runner)
+    result = search.run()
     assert "seqs128-mbt2048" not in runner.measured
     assert sorted(runner.measured) == [
         "seqs128-mbt4096",
