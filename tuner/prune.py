@@ -205,11 +205,6 @@ def plan(space: Space, target: Target, *, max_candidates: int = 5000) -> Plan:
     assert not isinstance(baseline_outcome, Pruned)
     baseline = baseline_outcome[0]
     kept.pop(baseline.name, None)
-    for name, planned in list(kept.items()):
-        same = same_as_defaults(planned.candidate, target)
-        if same is not None:
-            del kept[name]
-            pruned.append(same)
     if not kept:
         counts = Counter(p.rule for p in pruned)
         detail = ", ".join(f"{n} by {rule}" for rule, n in counts.most_common())
@@ -339,6 +334,9 @@ def evaluate(
             f"{feasible:.1f} sequences of {target.context_len} tokens)",
         )
         cand, seqs = capped, fitting
+    same = None if baseline else same_as_defaults(cand, target)
+    if same is not None:
+        return same
     batch = max(1, min(seqs, math.floor(feasible) if feasible >= 1 else 1))
     point = estimate(spec, gpu, cfg, ladder=(batch,)).ladder[0]
     return Planned(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tuner.events import Fanout
-from tuner.prune import Plan, Planned, Pruned, Target, Variant, evaluate, same_as_defaults
+from tuner.prune import Plan, Planned, Pruned, Target, Variant, evaluate
 from tuner.record import (
     STATE_COMPLETE,
     STATE_PRUNED,
@@ -229,9 +229,7 @@ class Search:
         if cand.quantization == "none" and len(self.target.variants) == 1:
             cand = cand.with_knob("quantization", None)
         outcome = evaluate(cand, self.target)
-        if isinstance(outcome, Pruned):
-            return outcome
-        return same_as_defaults(outcome[0].candidate, self.target) or outcome[0]
+        return outcome if isinstance(outcome, Pruned) else outcome[0]
 
     def _tell_known(self, trial: Any, record: TrialRecord) -> None:
         trial.set_user_attr("candidate", record.name)
