@@ -213,7 +213,35 @@ def _label_value(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-class SearchExporter:
+class RegistryExporter:
+    """What both exporters share: their registry, an optional Pushgateway, and an info metric
+    ``<info_name>_info`` with vtune's version and the ``info`` labels (never a secret)."""
+
+    default_job = "vtune"
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None,
+        pushgateway: Pushgateway | None,
+        info_name: str,
+        info_doc: str,
+        info: Mapping[str, Any] | None,
+    ) -> None:
+        from tuner import __version__
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.pushgateway = pushgateway
+        self.info = Info(info_name, info_doc, registry=self.registry)
+        self.info.info(
+            {"version": __version__, **{k: _label_value(v) for k, v in (info or {}).items()}}
+        )
+
+    def _push(self) -> None:
+        if self.pushgateway is not None:
+            self.pushgateway.push(self.registry)
+
+
+class SearchExporter(RegistryExporter):
     """The search's metrics (see the module table); a :class:`~tuner.events.SearchObserver`.
 
     ``info`` becomes the labels of ``vtune_info`` (e.g. model, gpu, objective, slo; never a
@@ -229,15 +257,8 @@ class SearchExporter:
         pushgateway: Pushgateway | None = None,
         info: Mapping[str, Any] | None = None,
     ) -> None:
-        from tuner import __version__
-
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self.pushgateway = pushgateway
+        super().__init__(registry, pushgateway, "vtune", "What this vtune search runs", info)
         r = self.registry
-        self.info = Info("vtune", "What this vtune search runs", registry=r)
-        self.info.info(
-            {"version": __version__, **{k: _label_value(v) for k, v in (info or {}).items()}}
-        )
         self.phase = Gauge("vtune_phase", "1 for the current search phase", ["phase"], registry=r)
         self._phases = list(PHASES)
         for p in PHASES:
@@ -372,10 +393,6 @@ class SearchExporter:
         ):
             self._best_goodput = float(goodput)
             self.best_goodput.set(goodput)
-
-    def _push(self) -> None:
-        if self.pushgateway is not None:
-            self.pushgateway.push(self.registry)
 
 
 def _set(gauge: Any, value: Any) -> None:

@@ -10,9 +10,9 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tuner.exporter import Pushgateway, _label_value, _set
+from tuner.exporter import Pushgateway, RegistryExporter, _set
 
 # Bucket bounds in seconds, close to vLLM's own so the two can be read side by side.
 # fmt: off
@@ -31,7 +31,7 @@ E2E_BUCKETS = (
 # fmt: on
 
 
-class BenchExporter:
+class BenchExporter(RegistryExporter):
     """Live metrics of one benchmark run. The load loop calls :meth:`started` when it sends a
     request (optional: it only drives the in-flight gauge) and :meth:`observe` with each
     finished :class:`~tuner.load.RequestRecord`; :meth:`finish` sets the summary gauges and
@@ -45,14 +45,8 @@ class BenchExporter:
         pushgateway: Pushgateway | None = None,
         info: Mapping[str, Any] | None = None,
     ) -> None:
-        from tuner import __version__
-
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self.pushgateway = pushgateway
+        super().__init__(registry, pushgateway, "vtune_bench", "What this vtune bench runs", info)
         r = self.registry
-        Info("vtune_bench", "What this vtune bench runs", registry=r).info(
-            {"version": __version__, **{k: _label_value(v) for k, v in (info or {}).items()}}
-        )
         self.requests = Counter(
             "vtune_bench_requests", "Requests finished, by status", ["status"], registry=r
         )
@@ -132,5 +126,4 @@ class BenchExporter:
         if summary is not None:
             _set(self.output_tps, summary.get("output_throughput"))
             _set(self.request_tps, summary.get("request_throughput"))
-        if self.pushgateway is not None:
-            self.pushgateway.push(self.registry)
+        self._push()
