@@ -19,33 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+ESTIMATE = [sys.executable, "-m", "tuner", "estimate", "--model", "llama-3.1-8b", "--gpu", "h100"]
+ESTIMATE += ["--max-model-len", "8192"]
 COMMANDS = {
     "python -c pass": [sys.executable, "-c", "pass"],
-    "vtune estimate --json": [
-        sys.executable,
-        "-m",
-        "tuner",
-        "estimate",
-        "--model",
-        "llama-3.1-8b",
-        "--gpu",
-        "h100",
-        "--max-model-len",
-        "8192",
-        "--json",
-    ],
-    "vtune estimate (table)": [
-        sys.executable,
-        "-m",
-        "tuner",
-        "estimate",
-        "--model",
-        "llama-3.1-8b",
-        "--gpu",
-        "h100",
-        "--max-model-len",
-        "8192",
-    ],
+    "vtune estimate --json": [*ESTIMATE, "--json"],
+    "vtune estimate (table)": ESTIMATE,
 }
 
 
