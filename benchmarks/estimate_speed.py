@@ -38,9 +38,9 @@ def time_command(argv: list[str], runs: int) -> list[float]:
 
 
 def time_in_process(runs: int) -> list[float]:
-    from tuner.estimate import ServingConfig, estimate
-    from tuner.hardware import get_gpu
-    from tuner.model import load_model
+    from tuner.analytic.estimate import ServingConfig, estimate
+    from tuner.specs.gpu import get_gpu
+    from tuner.specs.model import load_model
 
     times = []
     for _ in range(runs):

@@ -65,9 +65,9 @@ def measure_peaks(device: str, dtype) -> tuple[float, float]:  # type: ignore[no
 def main() -> None:
     import torch
 
-    from tuner.estimate import Efficiency, ServingConfig, estimate
-    from tuner.hardware import get_gpu
-    from tuner.model import load_model
+    from tuner.analytic.estimate import Efficiency, ServingConfig, estimate
+    from tuner.specs.gpu import get_gpu
+    from tuner.specs.model import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3.1-8b")

@@ -180,9 +180,9 @@ def _vtune_client(
     url: str, model: str, n: int, conc: int, n_in: int, n_out: int, q: mp.Queue
 ) -> None:
     os.sched_setaffinity(0, {CLIENT_CORE})
-    from tuner.load import LoadConfig, run_load
-    from tuner.metrics import summarize
-    from tuner.workload import LengthRange, load_tokenizer, random_requests
+    from tuner.load.generator import LoadConfig, run_load
+    from tuner.load.workload import LengthRange, load_tokenizer, random_requests
+    from tuner.measure.metrics import summarize
 
     tok = load_tokenizer(model)
     reqs = random_requests(tok, n + 2, LengthRange.fixed(n_in), LengthRange.fixed(n_out))

@@ -79,12 +79,13 @@ def run(argv: list[str], out: Path, reuse: bool) -> tuple[dict, float | None]:
 def referee(argv: list[str], names: list[str], rounds: int) -> dict[str, list[float]]:
     """Each named candidate measured ``rounds`` times as a full trial (own launch, capacity
     probe, rate search), alternating so that drift of the machine hits both alike."""
-    from tuner import tune
     from tuner.cli.search import tune_config
-    from tuner.trial import VllmTrialRunner
+    from tuner.search.prepare import prepare
+    from tuner.search.run import trial_setup
+    from tuner.search.trial import VllmTrialRunner
 
-    prep = tune.prepare(tune_config(argv))
-    runner = VllmTrialRunner(tune.trial_setup(prep))
+    prep = prepare(tune_config(argv))
+    runner = VllmTrialRunner(trial_setup(prep))
     planned = {p.name: p for p in prep.plan.all()}
     missing = [n for n in names if n not in planned]
     if missing:  # e.g. a reused grid from code that planned differently
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--referee", type=int, default=3, help="re-measurements of each pick")
     parser.add_argument("--reuse", action="store_true", help="keep finished grid/vtune runs")
     args = parser.parse_args()
-    from tuner.record import Finalist
+    from tuner.search.record import Finalist
     from tuner.tiny import build_tiny_model, default_tiny_model_dir
 
     model = build_tiny_model(args.model or default_tiny_model_dir())

@@ -4,7 +4,7 @@
   ``$VTUNE_TINY_MODEL_DIR`` when set, else into pytest's cache directory: a stable path keeps
   vLLM's torch.compile cache valid across sessions (the cache key includes the model path), which
   halves the server's start (68 s cold, 35 s warm on 2 cores).
-- ``vllm_server`` (session, started on first use): a ``tuner.engine.VllmServer`` on the tiny
+- ``vllm_server`` (session, started on first use): a ``tuner.engine.server.VllmServer`` on the tiny
   model with ``--kv-cache-memory-bytes 300000000``; yields the running server (``.url``,
   ``.info``). Tests that use it are e2e tests: mark them ``@pytest.mark.e2e`` and run them under
   ``flock /tmp/vtune-vllm.lock`` (the fixture does not take the lock itself: ``flock FILE pytest``
@@ -51,7 +51,7 @@ def tiny_model_dir(
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from tuner.engine import EngineSettings, LaunchConfig, VllmServer
+    from tuner.engine.server import EngineSettings, LaunchConfig, VllmServer
 
     settings = EngineSettings(model=str(tiny_model_dir), kv_cache_memory_bytes=SERVER_KV_BYTES)
     launch = LaunchConfig(
@@ -69,9 +69,9 @@ def _warm_up(server: object, model_dir: Path) -> None:
     (seconds each on a cold cache, as in CI) happens here rather than inside a measurement."""
     import asyncio
 
-    from tuner.bench import measure
-    from tuner.load import LoadConfig
-    from tuner.workload import LengthRange, load_tokenizer, random_requests
+    from tuner.load.generator import LoadConfig
+    from tuner.load.workload import LengthRange, load_tokenizer, random_requests
+    from tuner.measure.bench import measure
 
     tok = load_tokenizer(model_dir)
     for concurrency in (1, 4, 16):

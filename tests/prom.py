@@ -1,5 +1,5 @@
 """Real Prometheus and Pushgateway servers for tests (Debian's ``prometheus`` and
-``prometheus-pushgateway`` packages, which ``.ci/run`` installs).
+``prometheus-pushgateway`` packages, which ``make system-packages`` installs).
 
     with running_prometheus(["127.0.0.1:9400"]) as prom:
         prom.wait_for('vtune_trials_total{state="complete"}')
@@ -36,7 +36,7 @@ import pytest
 
 PROMETHEUS = ("prometheus",)
 PUSHGATEWAY = ("prometheus-pushgateway", "pushgateway")
-INSTALL_HINT = "apt-get install prometheus prometheus-pushgateway (.ci/run does this)"
+INSTALL_HINT = "make system-packages (or: apt-get install prometheus prometheus-pushgateway)"
 
 
 def find_binary(names: Sequence[str]) -> str:

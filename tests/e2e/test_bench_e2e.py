@@ -22,11 +22,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tuner.bench import BenchConfig, WorkloadSpec, measure, run_bench
-from tuner.engine import EngineSettings, LaunchConfig
-from tuner.load import LoadConfig
-from tuner.slo import parse_slo
-from tuner.workload import LengthRange, load_tokenizer, random_requests
+from tuner.engine.server import EngineSettings, LaunchConfig
+from tuner.load.generator import LoadConfig
+from tuner.load.workload import LengthRange, load_tokenizer, random_requests
+from tuner.measure.bench import BenchConfig, WorkloadSpec, measure, run_bench
+from tuner.measure.slo import parse_slo
 
 pytestmark = pytest.mark.e2e
 MARK = "VTUNE_BENCH_E2E_MARK"

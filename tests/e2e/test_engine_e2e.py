@@ -20,10 +20,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuner.engine import EngineSettings, FailureClass, LaunchConfig, ServerStartError, VllmServer
-from tuner.engine_guard import group_members, shm_files
-from tuner.engine_http import attach
-from tuner.engine_log import parse_cache_config_info, parse_kv_cache_log
+from tuner.engine.guard import group_members, shm_files
+from tuner.engine.http import attach
+from tuner.engine.log import parse_cache_config_info, parse_kv_cache_log
+from tuner.engine.server import (
+    EngineSettings,
+    FailureClass,
+    LaunchConfig,
+    ServerStartError,
+    VllmServer,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -94,7 +100,7 @@ def test_invalid_flag_is_an_invalid_option_failure(tiny_model_dir: Path, tmp_pat
 DRIVER = textwrap.dedent(
     """
     import sys
-    from tuner.engine import EngineSettings, LaunchConfig, VllmServer
+    from tuner.engine.server import EngineSettings, LaunchConfig, VllmServer
     model, log_dir = sys.argv[1:3]
     launch = LaunchConfig(device="cpu", log_dir=log_dir, stop_grace_s=3.0)
     server = VllmServer(EngineSettings(model), launch)
@@ -117,7 +123,7 @@ def _cmdlines(pgid: int) -> list[str]:
 
 def test_sigkilled_parent_leaves_no_vllm_orphans(tiny_model_dir: Path, tmp_path: Path) -> None:
     """vtune SIGKILLed while vLLM starts (when vLLM ignores SIGTERM): nothing survives."""
-    from tuner.engine import find_free_port
+    from tuner.engine.server import find_free_port
 
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SERVER_KV_BYTES
-from tuner.engine_log import parse_kv_cache_log
-from tuner.estimate import ServingConfig, estimate
-from tuner.hardware import get_gpu
-from tuner.model import load_model
+from tuner.analytic.estimate import ServingConfig, estimate
+from tuner.engine.log import parse_kv_cache_log
+from tuner.specs.gpu import get_gpu
+from tuner.specs.model import load_model
 
 pytestmark = pytest.mark.e2e
 

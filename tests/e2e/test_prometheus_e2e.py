@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.prom import running_prometheus, running_pushgateway
-from tuner.exporter import Pushgateway, SearchExporter, start_exporter
-from tuner.exporter_bench import BenchExporter
-from tuner.load import RequestRecord
-from tuner.record import TrialRecord
+from tuner.load.generator import RequestRecord
+from tuner.outputs.prometheus import Pushgateway, SearchExporter, start_exporter
+from tuner.outputs.prometheus_bench import BenchExporter
+from tuner.search.record import TrialRecord
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

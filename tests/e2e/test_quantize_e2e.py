@@ -23,16 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from tuner.engine import EngineSettings, LaunchConfig, VllmServer
-from tuner.model import QuantConfig, load_model
-from tuner.quality import (
+from tuner.analytic.weights import default_scheme, resolve_scheme, weight_bytes
+from tuner.engine.server import EngineSettings, LaunchConfig, VllmServer
+from tuner.quant.quality import (
     dequantize_awq,
     dequantize_gptq,
     perplexity,
     quality_loss_pct,
 )
-from tuner.quant_bytes import default_scheme, resolve_scheme, weight_bytes
-from tuner.quantize import MARKER, QuantizeRequest, load_calibration_texts, quantize
+from tuner.quant.quantize import MARKER, QuantizeRequest, load_calibration_texts, quantize
+from tuner.specs.model import QuantConfig, load_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

@@ -138,7 +138,7 @@ def test_search_resumes_after_kill_writes_profile_and_is_scraped(
     profile = yaml_path.read_text()
     assert "max-num-seqs" in profile or record["best"] == "vllm-defaults"
     assert "kv-cache-memory-bytes: 1073741824" in profile
-    from tuner.engine import EngineSettings, LaunchConfig, VllmServer
+    from tuner.engine.server import EngineSettings, LaunchConfig, VllmServer
 
     launch = LaunchConfig(
         command=(

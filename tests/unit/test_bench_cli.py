@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 
 from tests.fakes import Behaviour, FakeServer
-from tuner.bench import BenchConfig, WorkloadSpec, run_bench, write_json
 from tuner.cli import main
-from tuner.engine import EngineSettings, LaunchConfig
-from tuner.engine_log import EngineFailure, FailureClass
-from tuner.load import LoadConfig
-from tuner.slo import parse_slo
-from tuner.workload import LengthRange
+from tuner.engine.log import EngineFailure, FailureClass
+from tuner.engine.server import EngineSettings, LaunchConfig
+from tuner.load.generator import LoadConfig
+from tuner.load.workload import LengthRange
+from tuner.measure.bench import BenchConfig, WorkloadSpec, run_bench, write_json
+from tuner.measure.slo import parse_slo
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -197,7 +197,7 @@ def test_bench_url_with_a_failing_server_keeps_error_records(
 
 
 class _FakeVllm:
-    """Stands in for tuner.engine.VllmServer: start() fails, or serves the fake and 'dies'."""
+    """Stands in for VllmServer: start() fails, or serves the fake and 'dies'."""
 
     start_failure: EngineFailure | None = None
     die_after_s: float | None = None
@@ -209,14 +209,14 @@ class _FakeVllm:
         self._ctx = ThreadedFake(Behaviour(token_delay_s=0.02))
 
     def start(self) -> _FakeVllm:
-        from tuner.engine import ServerStartError
+        from tuner.engine.server import ServerStartError
 
         if self.start_failure is not None:
             raise ServerStartError(self.start_failure)
         self.fake = self._ctx.__enter__()
         self.url = self.fake.url
         self.t0 = time.monotonic()
-        from tuner.engine_http import ServerInfo
+        from tuner.engine.http import ServerInfo
 
         self.info = ServerInfo(self.url, "tiny", "0.0", None, None, None, None, None, 1.0)
         return self
@@ -252,14 +252,14 @@ def _launched_cfg(tiny_model_dir: Path, **load: Any) -> BenchConfig:
 def test_failed_start_is_a_result_with_its_class(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    import tuner.engine
+    import tuner.engine.server
 
     class Failing(_FakeVllm):
         start_failure = EngineFailure(
             FailureClass.INVALID_OPTION, "unrecognized arguments: --no-such-flag"
         )
 
-    monkeypatch.setattr(tuner.engine, "VllmServer", Failing)
+    monkeypatch.setattr(tuner.engine.server, "VllmServer", Failing)
     result = run_bench(_launched_cfg(tiny_model_dir))
     assert result.status == "failed" and result.failure == "invalid_option"
     assert result.measurement is None and "--no-such-flag" in (result.message or "")
@@ -269,12 +269,12 @@ def test_failed_start_is_a_result_with_its_class(
 def test_server_death_mid_run_keeps_partial_records(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    import tuner.engine
+    import tuner.engine.server
 
     class Dying(_FakeVllm):
         die_after_s = 0.8
 
-    monkeypatch.setattr(tuner.engine, "VllmServer", Dying)
+    monkeypatch.setattr(tuner.engine.server, "VllmServer", Dying)
     t0 = time.monotonic()
     result = run_bench(_launched_cfg(tiny_model_dir))
     assert time.monotonic() - t0 < 5  # 40 requests at 20/s would take > 2 s; it stops at once

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from tuner.cli import cli
-from tuner.deploy import (
+from tuner.errors import ParameterError
+from tuner.outputs.k8s import (
     PROFILE_PATH,
     ServingSpec,
     default_name,
@@ -26,11 +27,10 @@ from tuner.deploy import (
     image_for_version,
     render_serving,
 )
-from tuner.errors import ParameterError
-from tuner.exporter import SearchExporter
-from tuner.exporter_bench import BenchExporter
-from tuner.profile import render_profile, write_profile
-from tuner.record import TrialRecord
+from tuner.outputs.prometheus import SearchExporter
+from tuner.outputs.prometheus_bench import BenchExporter
+from tuner.search.profile import render_profile, write_profile
+from tuner.search.record import TrialRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -225,7 +225,7 @@ def promtool() -> str:
     path = shutil.which("promtool")
     if not path:
         pytest.fail(
-            "promtool is not installed: apt-get install prometheus (.ci/run does)", pytrace=False
+            "promtool is not installed: make system-packages", pytrace=False
         )
     return path
 

@@ -15,8 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tuner import engine
-from tuner.engine import (
+from tuner.engine import server as engine
+from tuner.engine.guard import group_members
+from tuner.engine.log import (
+    classify_failure,
+    parse_cache_config_info,
+    parse_kv_cache_log,
+    parse_prometheus_labels,
+    redact_argv,
+)
+from tuner.engine.server import (
     EngineSettings,
     FailureClass,
     LaunchConfig,
@@ -25,14 +33,6 @@ from tuner.engine import (
     attach,
     child_env,
     find_free_port,
-)
-from tuner.engine_guard import group_members
-from tuner.engine_log import (
-    classify_failure,
-    parse_cache_config_info,
-    parse_kv_cache_log,
-    parse_prometheus_labels,
-    redact_argv,
 )
 from tuner.errors import EngineError, ParameterError, VtuneError
 
@@ -512,7 +512,7 @@ def test_attach_unreachable_url_is_one_line_engine_error() -> None:
 DRIVER = textwrap.dedent(
     """
     import sys, time
-    from tuner.engine import EngineSettings, LaunchConfig, VllmServer
+    from tuner.engine.server import EngineSettings, LaunchConfig, VllmServer
     script, mode, log_dir = sys.argv[1:4]
     launch = LaunchConfig(command=(sys.executable, script, mode), device="cpu", log_dir=log_dir,
                           stop_grace_s=1.0)

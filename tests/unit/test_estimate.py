@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuner.errors import ParameterError, UnsupportedError
-from tuner.estimate import (
+from tuner.analytic.estimate import (
     ServingConfig,
     estimate,
     kv_bytes_per_sequence,
@@ -13,8 +12,10 @@ from tuner.estimate import (
     kv_capacity_tokens,
     roofline_knee,
 )
-from tuner.hardware import get_gpu
-from tuner.model import load_model, spec_from_config
+from tuner.analytic.explain import explain_lines
+from tuner.errors import ParameterError, UnsupportedError
+from tuner.specs.gpu import get_gpu
+from tuner.specs.model import load_model, spec_from_config
 
 GiB = 2**30
 
@@ -36,7 +37,7 @@ def test_seed_worked_example_llama2_13b() -> None:
     assert real.naive_max_batch == 5
     # vLLM's real bound is smaller: utilization, activations and overhead come off first.
     assert real.max_concurrency < real.naive_max_batch
-    units = [line for line in real.explain if "units" in line.label]
+    units = [line for line in explain_lines(model, real) if "units" in line.label]
     assert units and "GiB" in units[0].formula and units[0].result.startswith("4 ")
 
 

@@ -15,17 +15,17 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tuner.errors import EngineError, ParameterError
-from tuner.events import Fanout
-from tuner.exporter import (
+from tuner.load.generator import RequestRecord
+from tuner.outputs.prometheus import (
     Pushgateway,
     SearchExporter,
     exporting,
     label_name,
     start_exporter,
 )
-from tuner.exporter_bench import BenchExporter
-from tuner.load import RequestRecord
-from tuner.record import TrialRecord
+from tuner.outputs.prometheus_bench import BenchExporter
+from tuner.search.events import Fanout
+from tuner.search.record import TrialRecord
 
 SAMPLE = Path(__file__).parent.parent / "data" / "sample_record.json"
 
@@ -229,7 +229,7 @@ def test_unreachable_pushgateway_warns_and_the_search_goes_on(record, caplog):
         dead = s.getsockname()[1]
     gw = Pushgateway(f"http://127.0.0.1:{dead}", job="t", timeout_s=2)
     exp = SearchExporter(pushgateway=gw)
-    caplog.set_level(logging.DEBUG, logger="tuner.exporter")
+    caplog.set_level(logging.DEBUG, logger="tuner.outputs.prometheus")
     observer = Fanout([exp])
     for t in trials(record)[:3]:
         observer.on_trial_start(t.number, t.name, t.knobs)
@@ -241,7 +241,7 @@ def test_unreachable_pushgateway_warns_and_the_search_goes_on(record, caplog):
     assert len(warnings) == 1  # the same failure again is logged at debug level only
     assert "unreachable" in warnings[0].getMessage()
     assert "\n" not in warnings[0].getMessage()
-    assert not [r for r in caplog.records if r.name == "tuner.events"]  # no hook raised
+    assert not [r for r in caplog.records if r.name == "tuner.search.events"]  # no hook raised
 
 
 def test_pushgateway_url_checked():
@@ -318,8 +318,8 @@ def test_exporting_serves_for_the_block_only():
 async def test_bench_exporter_is_a_live_load_observer():
     """run_load calls started()/observe() per measured request: counts match the records."""
     from tests.fakes import Behaviour, FakeServer
-    from tuner.load import LoadConfig, run_load
-    from tuner.workload import Request
+    from tuner.load.generator import LoadConfig, run_load
+    from tuner.load.workload import Request
 
     exp = BenchExporter()
     reqs = [Request(tuple(range(4)), 4, 6) for _ in range(10)]

@@ -10,10 +10,11 @@ from importlib import resources
 
 import pytest
 
-from tuner import detect, hardware
-from tuner.detect import DetectedGpu, check_gpu_choice, match_detected
 from tuner.errors import ParameterError, UnknownGpuError, UnsupportedError, VtuneError
-from tuner.hardware import GpuSpec, get_gpu
+from tuner.specs import detect
+from tuner.specs import gpu as hardware
+from tuner.specs.detect import DetectedGpu, check_gpu_choice, match_detected
+from tuner.specs.gpu import GpuSpec, get_gpu
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -458,7 +459,8 @@ def test_registry_parser_rejects_a_name_used_twice():
 
 def test_import_and_lookup_stay_light():
     code = (
-        "import sys; from tuner.hardware import get_gpu; from tuner.detect import detect_gpus; "
+        "import sys; from tuner.specs.gpu import get_gpu; "
+        "from tuner.specs.detect import detect_gpus; "
         "get_gpu('h100'); "
         "get_gpu('cpu'); print(sorted({'torch', 'transformers', 'vllm'} & set(sys.modules)))"
     )

@@ -12,7 +12,7 @@ import pytest
 
 from tests.fakes import Behaviour, FakeServer
 from tuner.errors import ParameterError
-from tuner.load import (
+from tuner.load.generator import (
     LoadConfig,
     RequestRecord,
     Window,
@@ -21,15 +21,15 @@ from tuner.load import (
     interarrival_gaps,
     run_load,
 )
-from tuner.stream import SseParser, classify
-from tuner.transport import (
+from tuner.load.stream import SseParser, classify
+from tuner.load.transport import (
     AiohttpTransport,
     Http11Pool,
     TransportError,
     _Conn,
     make_transport,
 )
-from tuner.workload import Request
+from tuner.load.workload import Request
 
 # --- SSE parser -------------------------------------------------------------------------------
 
@@ -529,7 +529,7 @@ async def test_connections_are_reused_and_stale_ones_retried():
 async def test_aiohttp_transport_for_non_http_urls(
     behaviour: Behaviour, expect: str | None, monkeypatch: pytest.MonkeyPatch
 ):
-    from tuner import load
+    from tuner.load import generator as load
 
     monkeypatch.setattr(
         load,

@@ -11,11 +11,11 @@ import pytest
 
 from tests.fakes import Behaviour, FakeServer
 from tuner.errors import SloError
-from tuner.load import LoadConfig, RequestRecord, Window, run_load
-from tuner.metrics import Distribution, summarize
-from tuner.scrape import Sample, Scraper, parse_metrics, summarize_samples
-from tuner.slo import Slo, SloTerm, parse_slo
-from tuner.workload import Request
+from tuner.load.generator import LoadConfig, RequestRecord, Window, run_load
+from tuner.load.workload import Request
+from tuner.measure.metrics import Distribution, summarize
+from tuner.measure.scrape import Sample, Scraper, parse_metrics, summarize_samples
+from tuner.measure.slo import Slo, SloTerm, parse_slo
 
 REAL_METRICS = Path(__file__).parent / "data" / "vllm_cpu_metrics.txt"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tuner.errors import ModelError
-from tuner.model import card_ids, kv_width_per_layer, load_model, spec_from_config
+from tuner.specs.model import card_ids, kv_width_per_layer, load_model, spec_from_config
 
 # Published totals (vendor model cards / papers).
 PUBLISHED = {

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from tuner.architecture import LinearGroup
-from tuner.errors import ParameterError
-from tuner.model import load_model
-from tuner.quant_bytes import (
+from tuner.analytic.weights import (
     QuantScheme,
     default_scheme,
     linear_bytes,
     resolve_scheme,
     weight_bytes,
 )
+from tuner.errors import ParameterError
+from tuner.specs.architecture import LinearGroup
+from tuner.specs.model import load_model
 
 G = LinearGroup("w", 4096, 11008, 1, "mlp")
 N = 4096 * 11008

@@ -15,26 +15,26 @@ from typing import ClassVar
 import pytest
 
 from tuner.errors import DatasetError, ModelError, ParameterError, UnsupportedError
-from tuner.hardware import get_gpu
-from tuner.model import load_model
-from tuner.quality import (
+from tuner.plan.variants import default_variant_dir
+from tuner.quant.quality import (
     assess,
     dequantize_awq,
     dequantize_gptq,
     quality_loss_pct,
 )
-from tuner.quantize import (
+from tuner.quant.quantize import (
     MARKER,
     QuantizeRequest,
     QuantJob,
     calibration_blocks,
     check_method_on_gpu,
     check_request,
-    default_variant_dir,
     get_backend,
     load_calibration_texts,
     quantize,
 )
+from tuner.specs.gpu import get_gpu
+from tuner.specs.model import load_model
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -198,13 +198,13 @@ def test_valid_group_sizes_pass(tmp_path: Path) -> None:
 
 
 def test_missing_backend_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tuner.quant_backends._module_available", lambda name: name != "gptqmodel")
+    monkeypatch.setattr("tuner.quant.backends._module_available", lambda name: name != "gptqmodel")
     with pytest.raises(UnsupportedError) as exc:
         get_backend("gptq")
     message = str(exc.value)
     assert "module 'gptqmodel' is not installed" in message
     assert "pip install" in message and "\n" not in message
-    monkeypatch.setattr("tuner.quant_backends._module_available", lambda name: name != "awq")
+    monkeypatch.setattr("tuner.quant.backends._module_available", lambda name: name != "awq")
     with pytest.raises(UnsupportedError, match="pip install autoawq"):
         get_backend("awq")
 
@@ -377,7 +377,7 @@ def test_cli_already_quantized(capsys, tmp_path: Path) -> None:
 
 
 def test_cli_missing_backend(capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("tuner.quant_backends._module_available", lambda name: False)
+    monkeypatch.setattr("tuner.quant.backends._module_available", lambda name: False)
     model = write_config(tmp_path / "m")
     code, _, err = run_cli(
         capsys,
@@ -395,7 +395,7 @@ def test_cli_missing_backend(capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 def test_cli_method_unsupported_on_gpu(capsys, monkeypatch, tmp_path: Path) -> None:
     no_awq = dataclasses.replace(get_gpu("a10g"), quantization_methods=("gptq", "fp8"))
-    monkeypatch.setattr("tuner.hardware.get_gpu", lambda name: no_awq)
+    monkeypatch.setattr("tuner.specs.gpu.get_gpu", lambda name: no_awq)
     code, _, err = run_cli(
         capsys,
         "--model",

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.ratesearch import (
+from tuner.measure.ratesearch import (
     LoadPoint,
     RatePoint,
     RateSearchConfig,

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from tuner.cli import cli
 from tuner.errors import ParameterError
-from tuner.plots import slo_axes
-from tuner.report import load_record, profile_text, render_html, trial_views, write_report
+from tuner.outputs.figure import slo_axes
+from tuner.outputs.report import load_record, profile_text, render_html, trial_views, write_report
 
 SAMPLE = Path(__file__).parent.parent / "data" / "sample_record.json"
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from tuner.hardware import get_gpu
-from tuner.model import load_model
-from tuner.prune import Planned, Target, Variant, plan
-from tuner.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
-from tuner.search import Search, SearchSettings, TrialStore, make_sampler, queue_all
-from tuner.space import Space
-from tuner.study import finished_records, open_study, storage_url
+from tuner.plan.prune import Planned, Target, Variant, plan
+from tuner.plan.space import Space
+from tuner.search.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
+from tuner.search.runner import Search, SearchSettings, TrialStore, make_sampler, queue_all
+from tuner.search.study import finished_records, open_study, storage_url
+from tuner.specs.gpu import get_gpu
+from tuner.specs.model import load_model
 
 
 class FakeRunner:

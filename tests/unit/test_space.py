@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 
 from tuner.errors import ParameterError
-from tuner.hardware import get_gpu
-from tuner.model import load_model
-from tuner.prune import (
+from tuner.plan.prune import (
     RULE_DEFAULTS,
     RULE_DOMINATED,
     RULE_INVALID,
@@ -24,7 +22,9 @@ from tuner.prune import (
     evaluate,
     plan,
 )
-from tuner.space import Candidate, Space, load_space_file, parse_param_overrides
+from tuner.plan.space import Candidate, Space, load_space_file, parse_param_overrides
+from tuner.specs.gpu import get_gpu
+from tuner.specs.model import load_model
 
 
 def target(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tuner.errors import DatasetError, ModelError, ParameterError
-from tuner.workload import (
+from tuner.load.workload import (
     LengthRange,
     WorkloadSpec,
     build_requests,

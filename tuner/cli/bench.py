@@ -119,14 +119,14 @@ from tuner.cli.common import (
 @metrics_options
 def bench(**opts: Any) -> None:
     """Start vLLM (or use --url), run the load, print a table, write --json, stop vLLM."""
-    from tuner import bench as core
-    from tuner.exporter import exporting
-    from tuner.exporter_bench import BenchExporter
+    from tuner.measure import bench as core
+    from tuner.outputs.prometheus import exporting
+    from tuner.outputs.prometheus_bench import BenchExporter
 
     cfg = _config(opts)
     if opts["gpu_name"] and opts["url"] is None:
-        from tuner.detect import check_gpu_choice, detect_gpus
-        from tuner.hardware import get_gpu
+        from tuner.specs.detect import check_gpu_choice, detect_gpus
+        from tuner.specs.gpu import get_gpu
 
         warning = check_gpu_choice(get_gpu(opts["gpu_name"]), detect_gpus())
         if warning:
@@ -150,9 +150,9 @@ def bench(**opts: Any) -> None:
 
 def _config(o: dict[str, Any]) -> Any:
     """Build the BenchConfig from the parsed options (no I/O beyond the GPU registry)."""
-    from tuner import bench as core
-    from tuner.engine import EngineSettings, LaunchConfig
-    from tuner.load import LoadConfig
+    from tuner.engine.server import EngineSettings, LaunchConfig
+    from tuner.load.generator import LoadConfig
+    from tuner.measure import bench as core
 
     engine = launch = None
     if o["url"] is None:

@@ -150,9 +150,9 @@ def non_negative(ctx: click.Context, param: click.Parameter, value: int | None) 
 
 
 def length_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    """click callback: a token length ``N`` or range ``LOW:HIGH`` (tuner.workload.LengthRange)."""
+    """click callback: a token length ``N`` or range ``LOW:HIGH`` (a LengthRange)."""
     from tuner.errors import ParameterError
-    from tuner.workload import LengthRange
+    from tuner.load.workload import LengthRange
 
     if value is None:
         return None
@@ -163,8 +163,8 @@ def length_option(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 def slo_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    """click callback: an SLO string parsed by tuner.slo (SloError -> one line, exit 2)."""
-    from tuner.slo import parse_slo
+    """click callback: an SLO string parsed by tuner.measure.slo (SloError -> one line, exit 2)."""
+    from tuner.measure.slo import parse_slo
 
     return None if value is None else parse_slo(value)
 
@@ -239,8 +239,8 @@ def workload_options(fn: Any) -> Any:
 
 def workload_spec(o: dict[str, Any], num_prompts: int = 100) -> Any:
     """A WorkloadSpec from the options of :func:`workload_options`."""
-    from tuner.bench import WorkloadSpec
-    from tuner.workload import DEFAULT_OUTPUT_LEN
+    from tuner.load.workload import DEFAULT_OUTPUT_LEN
+    from tuner.measure.bench import WorkloadSpec
 
     output_len = o["output_len"]
     if output_len is None and o["dataset"] is None:

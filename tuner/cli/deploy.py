@@ -38,7 +38,9 @@ def deploy(
 ) -> None:
     """Render a ConfigMap (the PROFILE YAML as it is), a Deployment running
     `vllm serve --config` with it, and a Service. Apply with `kubectl apply -f`."""
-    from tuner.deploy import (
+    from tuner.errors import ParameterError
+    from tuner.files import atomic_write_text, read_json
+    from tuner.outputs.k8s import (
         ServingSpec,
         default_name,
         dump_manifests,
@@ -46,8 +48,6 @@ def deploy(
         parse_profile,
         render_serving,
     )
-    from tuner.errors import ParameterError
-    from tuner.profile import atomic_write_text, read_json
 
     if profile.suffix == ".json":  # the record: take the profile YAML beside it
         profile = profile.with_suffix(".yaml")

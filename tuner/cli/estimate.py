@@ -76,11 +76,12 @@ def estimate(
     list_models: bool,
 ) -> None:
     """Memory breakdown, KV capacity, max concurrency and the roofline knee."""
-    from tuner import console
-    from tuner.estimate import ServingConfig
-    from tuner.estimate import estimate as run_estimate
-    from tuner.hardware import get_gpu
-    from tuner.model import card_ids, load_model
+    from tuner.analytic.estimate import ServingConfig
+    from tuner.analytic.estimate import estimate as run_estimate
+    from tuner.analytic.explain import explain_lines
+    from tuner.cli import console
+    from tuner.specs.gpu import get_gpu
+    from tuner.specs.model import card_ids, load_model
 
     if list_models:
         click.echo("\n".join(card_ids()))
@@ -102,7 +103,10 @@ def estimate(
         tensor_parallel_size=tensor_parallel_size,
     )
     result = run_estimate(model, gpu, cfg)
+    lines = explain_lines(model, result)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        data = result.to_json()
+        data["explain"] = [str(line) for line in lines]
+        click.echo(json.dumps(data, indent=2))
     else:
-        console.print_estimate(result, explain=explain)
+        console.print_estimate(result, explain=lines if explain else ())

@@ -25,8 +25,8 @@ def gpus(as_json: bool, wide: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tuner.detect import detect_gpus, match_detected
-    from tuner.hardware import format_registry_rows
+    from tuner.specs.detect import detect_gpus, match_detected
+    from tuner.specs.gpu import format_registry_rows
 
     rows = format_registry_rows()
     detected = detect_gpus()

@@ -58,9 +58,9 @@ def quantize(
     as_json: bool,
 ) -> None:
     """Quantize a model with AWQ or GPTQ; the same request reuses the output directory."""
-    from tuner.hardware import get_gpu
-    from tuner.quantize import QuantizeRequest
-    from tuner.quantize import quantize as run_quantize
+    from tuner.quant.quantize import QuantizeRequest
+    from tuner.quant.quantize import quantize as run_quantize
+    from tuner.specs.gpu import get_gpu
 
     gpu = get_gpu(gpu_name) if gpu_name else None
     request = QuantizeRequest(

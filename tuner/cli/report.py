@@ -18,7 +18,7 @@ def report(record: Path, out: Path | None) -> None:
     """Write index.html and PNG plots for the search record PROFILE_JSON (the .json written
     beside the profile): throughput vs latency, the Pareto front, pruning, the estimator's
     error and KV-cache usage over each trial."""
-    from tuner.report import write_report
+    from tuner.outputs.report import write_report
 
     if record.suffix == ".yaml":  # the profile: take the record beside it
         record = record.with_suffix(".json")

@@ -1,5 +1,6 @@
 """``vtune search``: prune with the bounds, run trials on real vLLM, pick under the SLO, write
-the profile. Parses options, calls :mod:`tuner.tune`, prints."""
+the profile. Parses options, calls :mod:`tuner.search.prepare` and :mod:`tuner.search.run`,
+prints."""
 
 from __future__ import annotations
 
@@ -156,12 +157,14 @@ def _key_value(
 @metrics_options
 def search(**o: Any) -> None:
     """Search vLLM settings for the best throughput under an SLO and write the profile."""
-    from tuner import tune
-    from tuner.console import print_plan, print_search_result
-    from tuner.exporter import SearchExporter, exporting
-    from tuner.progress import SearchProgress
+    from tuner.cli.console import print_plan, print_search_result
+    from tuner.cli.progress import SearchProgress
+    from tuner.outputs.prometheus import SearchExporter, exporting
+    from tuner.search.outcome import ensure_feasible
+    from tuner.search.prepare import check_storage, prepare
+    from tuner.search.run import run_search
 
-    prep = tune.prepare(_config(o))
+    prep = prepare(_config(o))
     for line in prep.warnings:
         click.echo(f"vtune: warning: {line}", err=True)
     print_plan(prep, verbose=o["dry_run"])
@@ -181,13 +184,13 @@ def search(**o: Any) -> None:
         grouping={"study": prep.study_name},
         info=info,
     ) as exporter:
-        from tuner.events import Fanout
+        from tuner.search.events import Fanout
 
-        tune.check_storage(prep)  # after the port check: a taken port must not create a study
+        check_storage(prep)  # after the port check: a taken port must not create a study
         with SearchProgress() as progress:
-            outcome = tune.run_search(prep, Fanout([progress, exporter]))
+            outcome = run_search(prep, Fanout([progress, exporter]))
     print_search_result(outcome)
-    tune.ensure_feasible(outcome)
+    ensure_feasible(outcome)
 
 
 def tune_config(argv: list[str]) -> Any:
@@ -197,9 +200,9 @@ def tune_config(argv: list[str]) -> Any:
 
 
 def _config(o: dict[str, Any]) -> Any:
-    from tuner.engine import LaunchConfig
-    from tuner.search import SearchSettings
-    from tuner.tune import TuneConfig
+    from tuner.engine.server import LaunchConfig
+    from tuner.search.prepare import TuneConfig
+    from tuner.search.runner import SearchSettings
 
     settings = SearchSettings(
         objective=o["objective"],

@@ -1,0 +1,1 @@
+"""Start, watch and stop vLLM; settings to argv; failure classes."""

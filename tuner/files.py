@@ -1,0 +1,74 @@
+"""Files vtune writes and reads back: every write is atomic (a temporary file in the same
+directory, fsync, rename, fsync of the directory), so a kill or a crash leaves either the old
+file or the new one, never half of one. Reads fail with one line (``ParameterError``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import ParameterError
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically; returns the path."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    except OSError as exc:
+        raise ParameterError(f"cannot write {target}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def atomic_write_json(path: str | Path, data: Any, *, sort_keys: bool = False) -> Path:
+    """``data`` as indented JSON (paths, tuples, sets and ``to_json()`` objects converted)."""
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, default=json_default) + "\n"
+    return atomic_write_text(path, text)
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file written by vtune; ParameterError with one line when unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ParameterError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ParameterError(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ParameterError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps`` default for the types vtune's records hold."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (the directory entry), where the OS allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

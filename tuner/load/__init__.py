@@ -1,0 +1,1 @@
+"""Request sets and the streaming client that sends them on an arrival schedule."""

@@ -1,0 +1,1 @@
+"""Server plus load to summaries, SLO verdicts, /metrics scraping, the rate search."""

@@ -1,0 +1,189 @@
+"""The highest request rate that meets the SLO, within one server launch.
+
+A capacity probe (closed loop at the candidate's max concurrency, for ``seconds_per_point``)
+gives the saturated rate; if that already meets the SLO it is the answer. Otherwise a low rate
+(a quarter of capacity; a quarter of that again if it fails) brackets the answer from below,
+and the rates in between are bisected. ``measure`` is injected, so the search is testable
+without a server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class Summary(Protocol):
+    """What the search reads of a measurement (tuner.measure.metrics.BenchSummary satisfies it)."""
+
+    request_throughput: float
+    output_throughput: float
+    completed: int
+    failed: int
+
+    def stat(self, metric: str, stat: str) -> float | None: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class SloLike(Protocol):
+    def met(self, summary: Any) -> bool: ...
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    """One measurement's load: a Poisson rate (inf = closed loop) and a request count, or a
+    duration (closed loop: the request set is cycled for that long)."""
+
+    rate: float
+    concurrency: int | None
+    num_requests: int
+    duration_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rate": None if math.isinf(self.rate) else self.rate,
+            "concurrency": self.concurrency,
+            "num_requests": self.num_requests,
+            "duration_s": self.duration_s,
+        }
+
+
+@dataclass(frozen=True)
+class RatePoint:
+    """A measured load point: its summary, whether the SLO held, the server's own figures."""
+
+    load: LoadPoint
+    summary: Summary
+    slo_met: bool
+    server: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "load": self.load.to_json(),
+            "slo_met": self.slo_met,
+            "summary": self.summary.to_json(),
+            "server": self.server,
+        }
+
+
+@dataclass(frozen=True)
+class RateSearchResult:
+    points: tuple[RatePoint, ...]
+    best: RatePoint | None  # the highest-rate point meeting the SLO; None when none did
+    capacity_rps: float
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "capacity_rps": self.capacity_rps,
+            "reason": self.reason,
+            "best_index": None if self.best is None else self.points.index(self.best),
+            "points": [p.to_json() for p in self.points],
+        }
+
+
+@dataclass(frozen=True)
+class RateSearchConfig:
+    """Sizing: each point runs for about ``seconds_per_point`` (at least ``min_requests``);
+    bisection stops after ``iterations`` or when the bracket is within ``tolerance``."""
+
+    concurrency: int
+    seconds_per_point: float = 10.0
+    min_requests: int = 8
+    max_requests: int = 2000
+    iterations: int = 3
+    low_fraction: float = 0.25
+    step_downs: int = 1
+    tolerance: float = 0.1
+
+    def requests_for(self, rate: float) -> int:
+        return max(
+            self.min_requests, min(self.max_requests, math.ceil(rate * self.seconds_per_point))
+        )
+
+
+Measure = Callable[[LoadPoint], Awaitable[RatePoint]]
+
+
+async def find_max_rate(
+    measure: Measure,
+    slo: SloLike | None,
+    cfg: RateSearchConfig,
+    probe_rps_hint: float | None = None,
+) -> RateSearchResult:
+    """Capacity probe, then (with an SLO that saturation breaks) bisection over Poisson rates.
+
+    ``probe_rps_hint`` sizes the probe's request count (e.g. from the estimator); without it the
+    probe sends ``min_requests`` x concurrency requests.
+    """
+    points: list[RatePoint] = []
+    probe_n = (
+        cfg.requests_for(probe_rps_hint)
+        if probe_rps_hint
+        else max(cfg.min_requests, 2 * cfg.concurrency)
+    )
+    # The probe lasts seconds_per_point whatever the throughput turns out to be.
+    probe = await measure(LoadPoint(math.inf, cfg.concurrency, probe_n, cfg.seconds_per_point))
+    points.append(probe)
+    capacity = probe.summary.request_throughput
+    if not capacity or math.isnan(capacity) or probe.summary.completed == 0:
+        return RateSearchResult(tuple(points), None, 0.0, "no request completed at saturation")
+    if slo is None:
+        return RateSearchResult(tuple(points), probe, capacity, "no SLO: saturated throughput")
+    if probe.slo_met:
+        return RateSearchResult(
+            tuple(points),
+            probe,
+            capacity,
+            "the SLO holds at saturation (closed loop at max concurrency)",
+        )
+
+    # A low rate that meets the SLO brackets the answer from below; when it fails, step down
+    # (a fraction at a time) before calling the candidate infeasible.
+    hi_rate = capacity
+    lo_rate = capacity * cfg.low_fraction
+    for _ in range(1 + cfg.step_downs):
+        low = await measure(LoadPoint(lo_rate, None, cfg.requests_for(lo_rate)))
+        points.append(low)
+        if low.slo_met:
+            break
+        hi_rate, lo_rate = lo_rate, lo_rate * cfg.low_fraction
+    else:
+        return RateSearchResult(
+            tuple(points),
+            None,
+            capacity,
+            f"the SLO fails even at {hi_rate:.3g} req/s ({hi_rate / capacity:.1%} of capacity)",
+        )
+    best = low
+    for _ in range(cfg.iterations):
+        if (hi_rate - lo_rate) / hi_rate <= cfg.tolerance:
+            break
+        mid = (lo_rate + hi_rate) / 2
+        point = await measure(LoadPoint(mid, None, cfg.requests_for(mid)))
+        points.append(point)
+        if point.slo_met:
+            lo_rate, best = mid, point
+        else:
+            hi_rate = mid
+    return RateSearchResult(
+        tuple(points),
+        best,
+        capacity,
+        f"bisection: SLO holds up to {lo_rate:.3g} req/s, fails by {hi_rate:.3g}",
+    )
+
+
+def objective_value(result: RateSearchResult, objective: str) -> float:
+    """The number the study optimises: ``throughput`` (output tokens/s at the best SLO-meeting
+    rate), ``goodput`` (requests/s meeting the SLO, best over the points). 0 when nothing met
+    the SLO, so infeasible configurations rank last rather than crash the study."""
+    if objective == "goodput":
+        values = [p.summary.to_json().get("request_goodput") or 0.0 for p in result.points]
+        return max(values, default=0.0)
+    if result.best is None:
+        return 0.0
+    return float(result.best.summary.output_throughput)

@@ -1,0 +1,1 @@
+"""Everything that reads a finished record: report, plots, Prometheus, Kubernetes."""

@@ -1,0 +1,1 @@
+"""Building quantized checkpoints (AWQ/GPTQ) and judging their quality."""

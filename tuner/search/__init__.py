@@ -1,0 +1,1 @@
+"""The study, the trials, the record and the profile."""

@@ -1,0 +1,375 @@
+"""Study orchestration: which candidate runs next, resuming, budget, finalists, the choice.
+
+The measuring itself is behind :class:`TrialRunner` (``tuner.search.trial.VllmTrialRunner`` launches
+vLLM; unit tests use a fake). The loop asks Optuna for a trial, resolves it to a candidate with
+the pruning rules, skips what is already finished (this or an earlier run), measures, saves the
+trial at once (atomically, in the study and as a JSON file), and tells Optuna.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuner.plan.prune import Plan, Planned, Pruned, Target, Variant, evaluate
+from tuner.plan.space import Candidate, Space
+from tuner.search.events import Fanout
+from tuner.search.record import (
+    STATE_COMPLETE,
+    STATE_PRUNED,
+    Finalist,
+    TrialRecord,
+    pareto_front,
+)
+from tuner.search.study import (
+    fail_stale,
+    finished_records,
+    heartbeat,
+    pending_names,
+    running_elsewhere,
+)
+
+OBJECTIVES = ("throughput", "goodput", "latency")
+# After this many sampled trials in a row that ran nothing (pruned or already measured), the
+# sampler has nothing new to offer: the search stops.
+MAX_IDLE_ASKS = 40
+# Candidates queued in analytic order before the sampler (TPE) takes over.
+ANALYTIC_FIRST = 3
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the study runs. ``budget``: measured trials (the baseline included; finalist
+    re-runs not); ``time_budget_s``: wall clock for the trial phase."""
+
+    objective: str = "throughput"
+    budget: int | None = None
+    time_budget_s: float | None = None
+    finalists: int = 3
+    repeats: int = 2
+    sampler: str = "auto"  # auto | grid | tpe | nsga2
+    pareto: bool = False
+    seed: int = 0
+
+    @property
+    def minimize(self) -> bool:
+        return self.objective == "latency"
+
+
+class TrialRunner(Protocol):
+    """Measures candidates; never raises for a server failure (it is a failed TrialRecord)."""
+
+    def measure(self, number: int, planned: Planned, variant: Variant) -> TrialRecord: ...
+
+    def remeasure(self, record: TrialRecord, variant: Variant, repeats: int) -> list[float]: ...
+
+
+@dataclass
+class SearchResult:
+    records: dict[str, TrialRecord]
+    baseline: TrialRecord | None
+    best: TrialRecord | None
+    finalists: list[Finalist]
+    within_noise: bool
+    pareto: list[str]
+    sampled_pruned: list[Pruned] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    finalist_engine_time_s: float = 0.0
+
+
+def directions(settings: SearchSettings) -> list[str]:
+    if settings.pareto:
+        return ["maximize", "minimize"]
+    return ["minimize" if settings.minimize else "maximize"]
+
+
+def make_sampler(settings: SearchSettings, queued_all: bool) -> Any:
+    """TPE for large spaces (NSGA-II for the Pareto study); when every candidate is queued
+    the sampler is never consulted, which makes the study a grid in analytic order."""
+    import optuna
+
+    if settings.pareto or settings.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=settings.seed)
+    if settings.sampler == "tpe" or not queued_all:
+        return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=4)
+    return optuna.samplers.RandomSampler(seed=settings.seed)
+
+
+def queue_all(plan: Plan, settings: SearchSettings) -> bool:
+    """Grid when asked, or when the whole plan fits the budget."""
+    if settings.sampler == "grid":
+        return True
+    if settings.sampler in ("tpe", "nsga2"):
+        return False
+    return settings.budget is None or len(plan.all()) <= settings.budget
+
+
+class Search:
+    """One worker's run of a study. ``trial_store`` persists each finished trial (atomic JSON
+    files) so that a rerun skips it even if the study storage is new."""
+
+    def __init__(
+        self,
+        study: Any,
+        plan: Plan,
+        space: Space,
+        target: Target,
+        runner: TrialRunner,
+        settings: SearchSettings,
+        trial_store: TrialStore,
+        observer: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.study, self.plan, self.space, self.target = study, plan, space, target
+        self.runner, self.settings, self.store = runner, settings, trial_store
+        self.observer = observer if observer is not None else Fanout()
+        self.clock = clock
+        self.varying = {k: v for k, v in space.values.items() if len(v) > 1}
+        self.fixed = {k: v[0] for k, v in space.values.items() if len(v) == 1}
+
+    # -- trial phase ---------------------------------------------------------------------------
+
+    def run(self) -> SearchResult:
+        started = self.clock()
+        fail_stale(self.study)
+        done = self.store.load_all()
+        done.update(finished_records(self.study))
+        grid = queue_all(self.plan, self.settings)
+        self._enqueue(done, grid)
+        budget = (
+            self.settings.budget
+            if self.settings.budget is not None
+            else (len(self.plan.all()) if grid else 20)
+        )
+        self.observer.on_plan(len(self.plan.all()), len(self.plan.pruned), budget)
+        self.observer.on_phase("baseline" if self.plan.baseline.name not in done else "trials")
+        sampled_pruned: list[Pruned] = []
+        idle = 0
+        while self._measured(done) < budget and idle < MAX_IDLE_ASKS:
+            if self._out_of_time(started):
+                break
+            if grid and not self._waiting():
+                break
+            done.update(finished_records(self.study))  # other workers share the study
+            trial = self.study.ask()
+            outcome = self._resolve(trial)
+            if isinstance(outcome, Pruned):
+                sampled_pruned.append(outcome)
+                record = TrialRecord(
+                    outcome.candidate.name,
+                    outcome.candidate.knobs(),
+                    STATE_PRUNED,
+                    failure={"rule": outcome.rule, "reason": outcome.reason},
+                )
+                trial.set_user_attr("record", record.to_json())
+                self.study.tell(trial, state=_state("PRUNED"))
+                idle += 1
+                continue
+            planned = outcome
+            if planned.name in done:
+                self._tell_known(trial, done[planned.name])
+                idle += 1
+                continue
+            if running_elsewhere(self.study, planned.name, trial.number):
+                trial.set_user_attr("running_elsewhere", planned.name)
+                self.study.tell(trial, state=_state("PRUNED"))
+                idle += 1
+                continue
+            idle = 0
+            record = self._run_trial(trial, planned)
+            done[planned.name] = record
+            if record.baseline:
+                self.observer.on_phase("trials")
+        finalists, within_noise, finalist_time = self._finalists(done)
+        best = self._choose(done, finalists)
+        return SearchResult(
+            records=done,
+            baseline=done.get(self.plan.baseline.name),
+            best=best,
+            finalists=finalists,
+            within_noise=within_noise,
+            pareto=self._pareto(done),
+            sampled_pruned=sampled_pruned,
+            elapsed_s=self.clock() - started,
+            finalist_engine_time_s=finalist_time,
+        )
+
+    def _enqueue(self, done: dict[str, TrialRecord], grid: bool) -> None:
+        pending = pending_names(self.study)
+        queue = self.plan.all() if grid else self.plan.first_picks(ANALYTIC_FIRST)
+        for planned in queue:
+            if planned.name in done or planned.name in pending:
+                continue
+            origin = planned.origin or planned.candidate
+            params = {k: getattr(origin, k) for k in self.varying}
+            self.study.enqueue_trial(
+                params,
+                user_attrs={"candidate": planned.name, "baseline": planned.candidate.is_baseline},
+            )
+
+    def _waiting(self) -> bool:
+        return any(t.state.name == "WAITING" for t in self.study.get_trials(deepcopy=False))
+
+    def _measured(self, done: dict[str, TrialRecord]) -> int:
+        return sum(1 for r in done.values() if r.state != STATE_PRUNED)
+
+    def _out_of_time(self, started: float) -> bool:
+        limit = self.settings.time_budget_s
+        return limit is not None and self.clock() - started >= limit
+
+    def _resolve(self, trial: Any) -> Planned | Pruned:
+        if trial.user_attrs.get("baseline"):
+            return self.plan.baseline
+        knobs = {k: trial.suggest_categorical(k, list(v)) for k, v in self.varying.items()}
+        cand = Candidate(**{**self.fixed, **knobs})
+        if cand.quantization == "none" and len(self.target.variants) == 1:
+            cand = cand.with_knob("quantization", None)
+        outcome = evaluate(cand, self.target)
+        return outcome if isinstance(outcome, Pruned) else outcome[0]
+
+    def _tell_known(self, trial: Any, record: TrialRecord) -> None:
+        trial.set_user_attr("candidate", record.name)
+        trial.set_user_attr("duplicate_of", record.name)
+        if record.state == STATE_COMPLETE:
+            self.study.tell(trial, self._values(record))
+        else:
+            self.study.tell(trial, state=_state("PRUNED"))
+
+    def _run_trial(self, trial: Any, planned: Planned) -> TrialRecord:
+        variant = self.target.variants[planned.candidate.quantization or "none"]
+        trial.set_user_attr("candidate", planned.name)
+        trial.set_user_attr("knobs", planned.candidate.knobs())
+        self.observer.on_trial_start(trial.number, planned.name, planned.candidate.knobs())
+        try:
+            with heartbeat(trial):
+                record = self.runner.measure(trial.number, planned, variant)
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM): the candidate is not finished and runs again.
+            trial.set_user_attr("interrupted", True)
+            self.study.tell(trial, state=_state("FAIL"), skip_if_finished=True)
+            raise
+        self.store.save(record)
+        trial.set_user_attr("record", record.to_json())
+        if record.state == STATE_COMPLETE:
+            self.study.tell(trial, self._values(record))
+        else:
+            trial.set_user_attr("failure_class", (record.failure or {}).get("class"))
+            self.study.tell(trial, state=_state("FAIL"))
+        self.observer.on_trial_end(record)
+        return record
+
+    def _values(self, record: TrialRecord) -> float | list[float]:
+        value = record.objective if record.objective is not None else 0.0
+        if not self.settings.pareto:
+            return value
+        tpot = (record.best or {}).get("p95_tpot_ms")
+        return [value, float(tpot) if tpot is not None else 1e12]
+
+    # -- finalists and the choice --------------------------------------------------------------
+
+    def _ranked(self, done: dict[str, TrialRecord]) -> list[TrialRecord]:
+        complete = [
+            r for r in done.values() if r.state == STATE_COMPLETE and r.objective is not None
+        ]
+        if self.settings.minimize:
+            complete = [r for r in complete if math.isfinite(r.objective or math.inf)]
+            return sorted(complete, key=lambda r: (r.objective, r.name))
+        complete = [r for r in complete if (r.objective or 0.0) > 0.0]
+        return sorted(complete, key=lambda r: (-(r.objective or 0.0), r.name))
+
+    def _finalists(self, done: dict[str, TrialRecord]) -> tuple[list[Finalist], bool, float]:
+        """Re-measure the top candidates and vLLM's defaults (so that the gain, too, is taken
+        on means: one unlucky baseline run would inflate it); returns them best first, the
+        noise verdict, and the engine time the re-runs took."""
+        everyone = self._ranked(done)
+        ranked = everyone[: self.settings.finalists]
+        if self.settings.repeats <= 0 or len(ranked) < 2:
+            return [Finalist.of(r.name, [r.objective or 0.0]) for r in ranked], False, 0.0
+        ranked += [r for r in everyone[len(ranked) :] if r.name == self.plan.baseline.name]
+        self.observer.on_phase("finalists", ", ".join(r.name for r in ranked))
+        finalists = []
+        seconds = 0.0
+        for record in ranked:
+            saved = self.store.load_samples(record.name)
+            if saved is None:
+                variant = self.target.variants[record.variant]
+                t0 = self.clock()
+                extra = self.runner.remeasure(record, variant, self.settings.repeats)
+                saved = ([record.objective or 0.0, *extra], self.clock() - t0)
+                self.store.save_samples(record.name, *saved)
+            finalists.append(Finalist.of(record.name, saved[0]))
+            seconds += saved[1]
+        finalists.sort(key=lambda f: f.mean, reverse=not self.settings.minimize)
+        within_noise = len(finalists) >= 2 and finalists[0].overlaps(finalists[1])
+        return finalists, within_noise, seconds
+
+    def _choose(
+        self, done: dict[str, TrialRecord], finalists: list[Finalist]
+    ) -> TrialRecord | None:
+        if finalists:
+            return done[finalists[0].name]
+        ranked = self._ranked(done)
+        return ranked[0] if ranked else None
+
+    def _pareto(self, done: dict[str, TrialRecord]) -> list[str]:
+        points = []
+        for r in done.values():
+            if r.state != STATE_COMPLETE or not r.best:
+                continue
+            tpot = r.best.get("p95_tpot_ms")
+            thr = r.best.get("output_throughput")
+            if tpot is not None and thr is not None:
+                points.append((r.name, float(thr), float(tpot)))
+        return pareto_front(points)
+
+
+def _state(name: str) -> Any:
+    import optuna
+
+    return getattr(optuna.trial.TrialState, name)
+
+
+class TrialStore:
+    """One JSON file per finished trial (and per finalist's samples), written atomically."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, kind: str, name: str) -> Path:
+        return self.directory / kind / f"{name}.json"
+
+    def save(self, record: TrialRecord) -> None:
+        from tuner.files import atomic_write_json
+
+        atomic_write_json(self._path("trials", record.name), record.to_json())
+
+    def load_all(self) -> dict[str, TrialRecord]:
+        from tuner.files import read_json
+
+        out = {}
+        for file in sorted((self.directory / "trials").glob("*.json")):
+            record = TrialRecord.from_json(read_json(file))
+            out[record.name] = record
+        return out
+
+    def save_samples(self, name: str, samples: list[float], seconds: float) -> None:
+        from tuner.files import atomic_write_json
+
+        atomic_write_json(
+            self._path("finalists", name),
+            {"name": name, "samples": samples, "engine_time_s": seconds},
+        )
+
+    def load_samples(self, name: str) -> tuple[list[float], float] | None:
+        """A finalist's saved samples and the engine time they took; None if not saved."""
+        from tuner.files import read_json
+
+        path = self._path("finalists", name)
+        if not path.exists():
+            return None
+        data = read_json(path)
+        return list(data["samples"]), float(data.get("engine_time_s", 0.0))

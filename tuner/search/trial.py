@@ -1,0 +1,300 @@
+"""One trial on the real engine: launch vLLM with a candidate, find its best SLO-meeting rate
+within that launch, stop vLLM, and return a :class:`TrialRecord` (never raising for a failed
+server: a failure is a record with its class and log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tuner.engine.server import EngineSettings, LaunchConfig, ServerStartError, VllmServer
+from tuner.load.generator import LoadConfig
+from tuner.load.workload import load_tokenizer
+from tuner.measure.bench import WorkloadSpec, build_requests, measure
+from tuner.measure.ratesearch import (
+    LoadPoint,
+    RatePoint,
+    RateSearchConfig,
+    RateSearchResult,
+    find_max_rate,
+    objective_value,
+)
+from tuner.measure.slo import Slo
+from tuner.plan.prune import Planned, Variant
+from tuner.plan.space import Candidate
+from tuner.search.events import Fanout
+from tuner.search.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
+
+# Requests built once per search and reused (cycled) by every measurement.
+REQUEST_POOL = 512
+WARMUP_REQUESTS = 4
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a search shares: workload, SLO, objective, how vLLM starts, and the
+    settings fixed for all candidates (e.g. max_model_len, kv_cache_memory_bytes, extra flags)."""
+
+    tokenizer: str
+    workload: WorkloadSpec
+    launch: LaunchConfig
+    log_dir: Path
+    slo: Slo | None = None
+    objective: str = "throughput"
+    latency_rate: float | None = None  # objective "latency": the rate to measure at
+    latency_stat: tuple[str, str] = ("tpot", "p95")
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    rate: RateSearchConfig = field(default_factory=lambda: RateSearchConfig(concurrency=1))
+    endpoint: str = "completions"
+    request_timeout_s: float = 120.0
+
+
+class TrialCrashed(Exception):
+    """The server died during a measurement; carries the points measured before."""
+
+    def __init__(self, points: list[RatePoint]) -> None:
+        super().__init__("server died")
+        self.points = points
+
+
+class VllmTrialRunner:
+    """The search's TrialRunner against real vLLM."""
+
+    def __init__(self, setup: TrialSetup, observer: Any = None) -> None:
+        self.setup = setup
+        self.observer = observer if observer is not None else Fanout()
+        self._pool: list[Any] | None = None
+
+    # -- TrialRunner ---------------------------------------------------------------------------
+
+    def measure(self, number: int, planned: Planned, variant: Variant) -> TrialRecord:
+        cand = planned.candidate
+        settings = self.engine_settings(cand, variant)
+        base = TrialRecord(
+            name=planned.name,
+            knobs=cand.knobs(),
+            state=STATE_FAILED,
+            number=number,
+            baseline=cand.is_baseline,
+            variant=variant.name,
+            estimate=planned.estimate_json(),
+            started_at=_now(),
+        )
+        t0 = time.monotonic()
+        log_path = self.setup.log_dir / f"{number:03d}-{planned.name[:100]}.log"
+        try:
+            server = VllmServer(settings, self.setup.launch, log_path=log_path).start()
+        except ServerStartError as exc:
+            return replace(
+                base,
+                failure=_failure_json(exc.failure),
+                log_path=str(exc.failure.log_path or log_path),
+                vllm_args=self.setup.launch.effective(settings).to_vllm_args(),
+                engine_time_s=time.monotonic() - t0,
+                finished_at=_now(),
+            )
+        assert server.info is not None
+        base = replace(
+            base,
+            server_info=server.info.to_json(),
+            log_path=str(server.log_path),
+            vllm_args=list(server.info.argv),
+        )
+        concurrency = self._concurrency(planned)
+        try:
+            result = asyncio.run(self._search(server, planned.name, concurrency))
+        except TrialCrashed as crash:
+            failure = server.poll_failure()
+            server.stop()
+            partial = RateSearchResult(tuple(crash.points), None, 0.0, "server died mid-run")
+            return replace(
+                base,
+                rate_search=partial.to_json(),
+                failure=_failure_json(failure)
+                if failure
+                else {"class": "crashed", "message": "server died mid-run"},
+                engine_time_s=time.monotonic() - t0,
+                finished_at=_now(),
+            )
+        finally:
+            server.stop()
+        value = self._objective(result)
+        best = None
+        if result.best is not None:
+            best = {
+                **result.best.summary.to_json(),
+                "rate": _rate(result.best.load.rate),
+                "concurrency": result.best.load.concurrency,
+            }
+        return replace(
+            base,
+            state=STATE_COMPLETE,
+            objective=value,
+            rate_search=result.to_json(),
+            best=best,
+            engine_time_s=time.monotonic() - t0,
+            finished_at=_now(),
+        )
+
+    def remeasure(self, record: TrialRecord, variant: Variant, repeats: int) -> list[float]:
+        """Relaunch the candidate and measure its chosen load point ``repeats`` times; a
+        failed relaunch counts as zero throughput (it is part of the noise)."""
+        cand = Candidate(**record.knobs)
+        settings = self.engine_settings(cand, variant)
+        load = _best_load(record)
+        if load is None:
+            return []
+        log_path = self.setup.log_dir / f"finalist-{record.name[:100]}.log"
+        try:
+            server = VllmServer(settings, self.setup.launch, log_path=log_path).start()
+        except ServerStartError:
+            return [0.0] * repeats
+        try:
+            return asyncio.run(self._repeat(server, record.name, load, repeats))
+        except TrialCrashed:
+            return [0.0] * repeats
+        finally:
+            server.stop()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def engine_settings(self, cand: Candidate, variant: Variant) -> EngineSettings:
+        """Fixed settings, then the candidate's knobs; the variant decides model and method."""
+        values: dict[str, Any] = dict(self.setup.fixed)
+        values.update({k: v for k, v in cand.knobs().items() if k != "quantization"})
+        values["model"] = variant.model
+        if variant.flag:
+            values["quantization"] = variant.flag
+        return EngineSettings.from_mapping(variant.model, values)
+
+    def _concurrency(self, planned: Planned) -> int:
+        """Closed-loop concurrency for the capacity probe: max_num_seqs (vLLM's default for
+        the baseline), but no more sequences than the KV cache holds at the workload's context."""
+        seqs = planned.candidate.max_num_seqs or self.setup.rate.concurrency
+        fits = max(1, math.floor(planned.max_concurrency)) if planned.max_concurrency else seqs
+        return max(1, min(seqs, fits))
+
+    def requests(self) -> list[Any]:
+        if self._pool is None:
+            tokenizer = load_tokenizer(self.setup.tokenizer)
+            spec = replace(self.setup.workload, num_prompts=REQUEST_POOL)
+            self._pool = build_requests(
+                tokenizer, spec, extra=WARMUP_REQUESTS, endpoint=self.setup.endpoint
+            )  # type: ignore[arg-type]
+        return self._pool
+
+    async def _point(
+        self, server: VllmServer, name: str, load: LoadPoint, warmup: int, offset: int
+    ) -> RatePoint:
+        pool = self.requests()
+        n = load.num_requests + warmup
+        reqs: Sequence[Any] = [pool[(offset + i) % len(pool)] for i in range(n)]
+        cfg = LoadConfig(
+            rate=load.rate,
+            concurrency=load.concurrency,
+            num_requests=None if load.duration_s else load.num_requests,
+            duration_s=load.duration_s,
+            warmup=warmup,
+            timeout_s=self.setup.request_timeout_s,
+            endpoint=self.setup.endpoint,
+        )  # type: ignore[arg-type]
+        served = server.info.model if server.info and server.info.model else server.settings.model
+        m = await measure(server.url, served, reqs, cfg, slo=self.setup.slo)
+        if server.poll_failure() is not None:
+            raise TrialCrashed([])
+        ok = m.summary.failed == 0 and (self.setup.slo is None or self.setup.slo.met(m.summary))
+        point = RatePoint(load, m.summary, ok, None if m.server is None else m.server.to_json())
+        self.observer.on_point(name, point.to_json())
+        return point
+
+    async def _search(self, server: VllmServer, name: str, concurrency: int) -> RateSearchResult:
+        points: list[RatePoint] = []
+        counter = {"offset": 0}
+
+        async def measure_at(load: LoadPoint) -> RatePoint:
+            warmup = WARMUP_REQUESTS if not points else 0
+            try:
+                point = await self._point(server, name, load, warmup, counter["offset"])
+            except TrialCrashed:
+                raise TrialCrashed(points) from None
+            counter["offset"] += load.num_requests + warmup
+            points.append(point)
+            return point
+
+        if self.setup.objective == "latency":
+            rate = self.setup.latency_rate or 1.0
+            load = LoadPoint(rate, None, self.setup.rate.requests_for(rate))
+            point = await measure_at(load)
+            return RateSearchResult(
+                (point,),
+                point,
+                point.summary.request_throughput,
+                f"latency objective: fixed rate {rate:g} req/s",
+            )
+        cfg = replace(self.setup.rate, concurrency=concurrency)
+        return await find_max_rate(measure_at, self.setup.slo, cfg)
+
+    async def _repeat(
+        self, server: VllmServer, name: str, load: LoadPoint, repeats: int
+    ) -> list[float]:
+        values = []
+        for i in range(repeats):
+            point = await self._point(
+                server,
+                name,
+                load,
+                WARMUP_REQUESTS if i == 0 else 0,
+                offset=i * (load.num_requests + WARMUP_REQUESTS),
+            )
+            single = RateSearchResult(
+                (point,),
+                point if point.slo_met else None,
+                point.summary.request_throughput,
+                "finalist re-run",
+            )
+            values.append(self._objective(single))
+        return values
+
+    def _objective(self, result: RateSearchResult) -> float:
+        if self.setup.objective != "latency":
+            return objective_value(result, self.setup.objective)
+        if result.best is None:
+            return math.inf
+        metric, stat = self.setup.latency_stat
+        value = result.best.summary.stat(metric, stat)
+        return math.inf if value is None else value * 1000.0
+
+
+def _best_load(record: TrialRecord) -> LoadPoint | None:
+    search = record.rate_search or {}
+    index = search.get("best_index")
+    if index is None:
+        return None
+    load = search["points"][index]["load"]
+    rate = load.get("rate")
+    return LoadPoint(
+        math.inf if rate is None else float(rate),
+        load.get("concurrency"),
+        int(load["num_requests"]),
+        load.get("duration_s"),
+    )
+
+
+def _failure_json(failure: Any) -> dict[str, Any]:
+    data = failure.to_json()
+    data["class"] = data.pop("failure_class")
+    return data
+
+
+def _rate(rate: float) -> float | None:
+    return None if math.isinf(rate) else rate
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

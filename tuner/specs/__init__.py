@@ -1,0 +1,1 @@
+"""What the model and the GPU are: configs, checkpoints, the GPU registry, detection."""
