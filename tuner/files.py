@@ -1,11 +1,13 @@
 """Files vtune writes and reads back: every write is atomic (a temporary file in the same
 directory, fsync, rename, fsync of the directory), so a kill or a crash leaves either the old
-file or the new one, never half of one. Reads fail with one line (``ParameterError``)."""
+file or the new one, never half of one. JSON is written strict (non-finite floats as null).
+Reads fail with one line (``ParameterError``)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -35,10 +37,35 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return target
 
 
-def atomic_write_json(path: str | Path, data: Any, *, sort_keys: bool = False) -> Path:
-    """``data`` as indented JSON (paths, tuples, sets and ``to_json()`` objects converted)."""
+def atomic_write_json(
+    path: str | Path, data: Any, *, sort_keys: bool = False, nonfinite_as_null: bool = True
+) -> Path:
+    """``data`` as indented JSON (paths, tuples, sets and ``to_json()`` objects converted).
+
+    Non-finite floats (inf, -inf, nan) are written as ``null``: ``Infinity`` and ``NaN`` are
+    not JSON, and strict parsers (jq, JavaScript, Go) reject the whole file. A reader gets
+    None back where the value was not finite. ``nonfinite_as_null=False`` keeps Python's
+    ``Infinity``/``NaN``, for a file that only Python reads and that must keep its values (a
+    model's config.json rewritten in place).
+    """
+    if nonfinite_as_null:
+        data = finite_json(data)
     text = json.dumps(data, indent=2, sort_keys=sort_keys, default=json_default) + "\n"
     return atomic_write_text(path, text)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` as plain JSON data (dicts, lists, str, int, finite float, bool, None), with
+    every non-finite float replaced by None; converts like :func:`json_default`."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str | int):
+        return value
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [finite_json(v) for v in value]
+    return finite_json(json_default(value))
 
 
 def read_json(path: str | Path) -> Any:
@@ -51,6 +78,8 @@ def read_json(path: str | Path) -> Any:
         raise ParameterError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ParameterError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except (ValueError, RecursionError):  # a number too long, nesting too deep
+        raise ParameterError(f"{path} is not valid JSON (too deep or too long)") from None
 
 
 def json_default(value: Any) -> Any:

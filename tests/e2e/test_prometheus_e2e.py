@@ -17,7 +17,7 @@ from tests.prom import running_prometheus, running_pushgateway
 from tuner.load.generator import RequestRecord
 from tuner.outputs.prometheus import Pushgateway, SearchExporter, start_exporter
 from tuner.outputs.prometheus_bench import BenchExporter
-from tuner.search.record import TrialRecord
+from tuner.search.record import SearchRecord, TrialRecord
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -131,7 +131,7 @@ def test_pushgateway_receives_each_trial():
 
         exp.on_trial_start(TRIALS[2].number, TRIALS[2].name, TRIALS[2].knobs)
         exp.on_trial_end(TRIALS[2])
-        exp.on_finish(RECORD)
+        exp.on_finish(SearchRecord.from_json(RECORD))
         pushed = gw.metrics()
         assert [v for lab, v in pushed["vtune_trials_total"] if lab["state"] == "complete"] == [3]
         [(_, gain)] = pushed["vtune_gain_ratio"]

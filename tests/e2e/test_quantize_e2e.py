@@ -8,7 +8,7 @@ for a finite perplexity.
 
 Run under the vLLM lock:
 ``flock /tmp/vtune-vllm.lock .venv/bin/pytest -m e2e tests/e2e/test_quantize_e2e.py``.
-Needs AutoAWQ and Optimum + GPT-QModel installed (see /work/notes/quantize.md).
+Needs AutoAWQ and Optimum + GPT-QModel installed (`make setup` installs both).
 """
 
 from __future__ import annotations

@@ -3,9 +3,7 @@ server, JSON output, secrets, and server failures (start and mid-run) as results
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.fake_vllm import ThreadedFake, fake_vllm
 from tests.fakes import Behaviour, FakeServer
 from tuner.cli import main
 from tuner.engine.log import EngineFailure, FailureClass
@@ -28,25 +27,6 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         main(argv)
     out = capsys.readouterr()
     return int(info.value.code or 0), out.out, out.err
-
-
-class ThreadedFake:
-    """The fake server on its own event loop in a thread (the CLI runs its own loop)."""
-
-    def __init__(self, behaviour: Behaviour) -> None:
-        self.fake = FakeServer(behaviour, model="tiny")
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> FakeServer:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.fake.__aenter__(), self.loop).result(10)
-        return self.fake
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.fake.__aexit__(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture
@@ -196,46 +176,6 @@ def test_bench_url_with_a_failing_server_keeps_error_records(
 # --- run_bench with a launched server (the engine replaced by fakes) ----------------------------
 
 
-class _FakeVllm:
-    """Stands in for VllmServer: start() fails, or serves the fake and 'dies'."""
-
-    start_failure: EngineFailure | None = None
-    die_after_s: float | None = None
-
-    def __init__(self, settings: EngineSettings, launch: LaunchConfig) -> None:
-        self.settings, self.launch = settings, launch
-        self.log_path = Path("/tmp/fake-vllm.log")
-        self.stopped = False
-        self._ctx = ThreadedFake(Behaviour(token_delay_s=0.02))
-
-    def start(self) -> _FakeVllm:
-        from tuner.engine.server import ServerStartError
-
-        if self.start_failure is not None:
-            raise ServerStartError(self.start_failure)
-        self.fake = self._ctx.__enter__()
-        self.url = self.fake.url
-        self.t0 = time.monotonic()
-        from tuner.engine.http import ServerInfo
-
-        self.info = ServerInfo(self.url, "tiny", "0.0", None, None, None, None, None, 1.0)
-        return self
-
-    def alive(self) -> bool:
-        return self.die_after_s is None or time.monotonic() - self.t0 < self.die_after_s
-
-    def poll_failure(self) -> EngineFailure | None:
-        if self.alive():
-            return None
-        return EngineFailure(FailureClass.CRASHED, "vLLM died while serving (exit -9)")
-
-    def stop(self) -> list[int]:
-        if not self.stopped and self.start_failure is None:
-            self._ctx.__exit__()
-        self.stopped = True
-        return []
-
-
 def _launched_cfg(tiny_model_dir: Path, **load: Any) -> BenchConfig:
     return BenchConfig(
         model=str(tiny_model_dir),
@@ -254,16 +194,13 @@ def test_failed_start_is_a_result_with_its_class(
 ):
     import tuner.engine.server
 
-    class Failing(_FakeVllm):
-        start_failure = EngineFailure(
-            FailureClass.INVALID_OPTION, "unrecognized arguments: --no-such-flag"
-        )
-
-    monkeypatch.setattr(tuner.engine.server, "VllmServer", Failing)
+    failure = EngineFailure(FailureClass.INVALID_OPTION, "unrecognized arguments: --no-such-flag")
+    monkeypatch.setattr(tuner.engine.server, "VllmServer", fake_vllm(start_failure=failure))
     result = run_bench(_launched_cfg(tiny_model_dir))
     assert result.status == "failed" and result.failure == "invalid_option"
     assert result.measurement is None and "--no-such-flag" in (result.message or "")
     assert result.to_json()["failure"] == "invalid_option"
+    assert result.server_info == {"log_path": "/tmp/fake-vllm.log"}  # where to look
 
 
 def test_server_death_mid_run_keeps_partial_records(
@@ -271,10 +208,8 @@ def test_server_death_mid_run_keeps_partial_records(
 ):
     import tuner.engine.server
 
-    class Dying(_FakeVllm):
-        die_after_s = 0.8
-
-    monkeypatch.setattr(tuner.engine.server, "VllmServer", Dying)
+    dying = fake_vllm(die_after_s=0.8)
+    monkeypatch.setattr(tuner.engine.server, "VllmServer", dying)
     t0 = time.monotonic()
     result = run_bench(_launched_cfg(tiny_model_dir))
     assert time.monotonic() - t0 < 5  # 40 requests at 20/s would take > 2 s; it stops at once
@@ -287,3 +222,40 @@ def test_server_death_mid_run_keeps_partial_records(
     assert data["partial"] is True and data["failure"] == "crashed" and data["completed"] >= 3
     path = write_json(result, tmp_path / "partial.json")
     assert json.loads(path.read_text())["stopped"] == "aborted"
+    (server,) = dying.instances
+    assert server.stopped
+
+
+def test_launched_bench_measures_and_stops_the_server(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import tuner.engine.server
+
+    healthy = fake_vllm()
+    monkeypatch.setattr(tuner.engine.server, "VllmServer", healthy)
+    said: list[str] = []
+    result = run_bench(_launched_cfg(tiny_model_dir, rate=200.0), progress=said.append)
+    assert result.status == "ok" and result.failure is None and not result.partial
+    assert result.summary is not None and result.summary.completed == 40
+    assert result.server_info is not None and result.server_info["model"] == "tiny"
+    (server,) = healthy.instances
+    assert server.stopped and said[-1] == "stopping vLLM"
+    assert said[0].startswith("starting vLLM") and "/tmp/fake-vllm.log" in said[0]
+
+
+def test_launched_bench_stops_the_server_when_the_load_raises(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import tuner.engine.server
+    import tuner.measure.bench
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("load generator bug")
+
+    healthy = fake_vllm()
+    monkeypatch.setattr(tuner.engine.server, "VllmServer", healthy)
+    monkeypatch.setattr(tuner.measure.bench, "measure", broken)
+    with pytest.raises(RuntimeError, match="load generator bug"):
+        run_bench(_launched_cfg(tiny_model_dir))
+    (server,) = healthy.instances
+    assert server.stopped

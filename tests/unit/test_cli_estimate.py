@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from tuner.cli import main
+from tuner.cli import cli, main
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -112,3 +114,28 @@ def test_gpus_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     for name in ("h100-sxm", "a100-40gb", "mi300x", "cpu"):
         assert name in out
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"num_attention_heads": 0}, "num_attention_heads must be positive"),
+        ({"quantization_config": "awq"}, "quantization_config must be a JSON object"),
+    ],
+)
+def test_broken_config_is_one_line_exit_2(
+    tmp_path: Path, changes: dict[str, object], needle: str
+) -> None:
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": 128,
+        "num_attention_heads": 2,
+        "vocab_size": 1000,
+    }
+    (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
+    result = CliRunner().invoke(cli, ["estimate", "--model", str(tmp_path), "--gpu", "h100"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vtune: error: ") and needle in lines[0]
+    assert "Traceback" not in result.output

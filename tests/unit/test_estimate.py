@@ -21,7 +21,7 @@ GiB = 2**30
 
 
 def test_seed_worked_example_llama2_13b() -> None:
-    """DESIGN/seed: 2 x 2 x 40 x 5120 x 4096 = 3,355,443,200 B (3.125 GiB) per sequence; with
+    """README's seed: 2 x 2 x 40 x 5120 x 4096 = 3,355,443,200 B (3.125 GiB) per sequence; with
     ~26 GB of weights a 40 GB (decimal) card holds 4 sequences; a real 40 GiB A100 holds 5."""
     model = load_model("meta-llama/Llama-2-13b-hf")
     cfg = ServingConfig(max_model_len=4096)

@@ -25,7 +25,7 @@ from tuner.outputs.prometheus import (
 )
 from tuner.outputs.prometheus_bench import BenchExporter
 from tuner.search.events import Fanout
-from tuner.search.record import TrialRecord
+from tuner.search.record import SearchRecord, TrialRecord
 
 SAMPLE = Path(__file__).parent.parent / "data" / "sample_record.json"
 
@@ -108,7 +108,7 @@ def test_metrics_follow_the_search(record):
     exp.on_phase("calibrate")  # a phase this exporter does not know yet
     exp.on_phase("finalists")
     assert value(reg, "vtune_phase", phase="calibrate") == 0
-    exp.on_finish(record)
+    exp.on_finish(SearchRecord.from_json(record))
     assert value(reg, "vtune_phase", phase="done") == 1
     assert sum(v for _, v in samples(reg)["vtune_phase"]) == 1
     assert value(reg, "vtune_gain_ratio") == pytest.approx(record["gain"]["ratio"])
@@ -186,6 +186,22 @@ def test_no_slo_goodput_is_request_throughput():
     )
 
 
+def test_best_objective_follows_the_objectives_direction():
+    """Latency is minimised: the best so far is the lowest value seen, not the highest."""
+    values = (100.0, 80.0, 120.0, 90.0)
+    for info, want in (({"objective": "latency"}, 80.0), ({"objective": "throughput"}, 120.0)):
+        exp = SearchExporter(info=info)
+        for i, v in enumerate(values):
+            best = {"output_throughput": 10.0, "request_throughput": 1.0}
+            exp.on_trial_end(TrialRecord(f"t{i}", {}, "complete", objective=v, number=i, best=best))
+        assert value(exp.registry, "vtune_best_objective") == want, info
+        assert value(exp.registry, "vtune_last_trial_objective") == values[-1]
+    assert SearchExporter(objective="latency").objective == "latency"
+    assert SearchExporter().objective == "throughput"
+    with pytest.raises(ParameterError, match="unknown objective 'speed'"):
+        SearchExporter(objective="speed")
+
+
 def test_own_registries_do_not_collide():
     a, b = SearchExporter(), SearchExporter()
     c, d = BenchExporter(), BenchExporter()
@@ -229,7 +245,7 @@ def test_unreachable_pushgateway_warns_and_the_search_goes_on(record, caplog):
         dead = s.getsockname()[1]
     gw = Pushgateway(f"http://127.0.0.1:{dead}", job="t", timeout_s=2)
     exp = SearchExporter(pushgateway=gw)
-    caplog.set_level(logging.DEBUG, logger="tuner.outputs.prometheus")
+    caplog.set_level(logging.DEBUG, logger="tuner.outputs.prometheus_serve")
     observer = Fanout([exp])
     for t in trials(record)[:3]:
         observer.on_trial_start(t.number, t.name, t.knobs)

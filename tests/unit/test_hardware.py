@@ -382,6 +382,19 @@ def test_check_gpu_choice():
     assert check_gpu_choice(get_gpu("cpu"), []) is None
 
 
+def test_gpu_choice_warnings_checks_a_name_or_spec_against_this_machine(monkeypatch) -> None:
+    h100s = detect.parse_nvidia_smi(SMI_OUTPUT)
+    monkeypatch.setattr(detect, "detect_gpus", lambda: h100s)
+    assert detect.gpu_choice_warnings("h100") == []
+    assert detect.gpu_choice_warnings(get_gpu("h100-sxm")) == []
+    [warning] = detect.gpu_choice_warnings("a100-40gb")
+    assert warning == check_gpu_choice(get_gpu("a100-40gb"), h100s)
+    with pytest.raises(UnknownGpuError):
+        detect.gpu_choice_warnings("h10")
+    monkeypatch.setattr(detect, "detect_gpus", lambda: [])
+    assert detect.gpu_choice_warnings("a100-40gb") == []
+
+
 # ----------------------------------------------------------------- vtune gpus rows
 
 

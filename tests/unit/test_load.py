@@ -21,7 +21,7 @@ from tuner.load.generator import (
     interarrival_gaps,
     run_load,
 )
-from tuner.load.stream import SseParser, classify
+from tuner.load.sse import SseParser, classify
 from tuner.load.transport import (
     AiohttpTransport,
     Http11Pool,
@@ -112,6 +112,34 @@ def test_classify_fast_path_agrees_with_a_full_parse():
     truncated = '{"id":"c","choices":[{"index":0,"text":"x"}]'
     assert classify(truncated).kind == "malformed"
     assert classify('{"choices":[{"text":"x"}],"error":{"message":"m"}}').kind == "token"
+
+
+def test_classify_never_raises_on_odd_shapes():
+    for payload, why in [
+        ('{"choices": {}}', "choices is not a list"),
+        ('{"choices": {"a": 1}}', "choices is not a list"),
+        ('{"choices": "abc"}', "choices is not a list"),
+        ('{"choices": [1]}', "a choice is not an object"),
+        ('{"choices": [null]}', "a choice is not an object"),
+        ("[" * 100_000, ""),
+        ('"just a string"', ""),
+    ]:
+        ev = classify(payload)
+        assert ev.kind == "malformed", payload[:40]
+        assert (ev.message or "").startswith(f"malformed stream chunk ({why})" if why else "malf")
+    assert classify('{"choices": null, "usage": {"completion_tokens": 2}}').kind == "usage"
+
+
+def test_sse_event_that_never_ends_is_refused_not_buffered():
+    from tuner.load.sse import MAX_EVENT, StreamError
+
+    p = SseParser()
+    piece = b"data: " + b"x" * (MAX_EVENT // 4)
+    for _ in range(3):  # 3/4 of the limit: kept
+        assert p.feed(piece) == []
+    with pytest.raises(StreamError, match="without an end"):
+        p.feed(piece)
+    assert p.feed(b"data: ok\n\n") == ["ok"]  # the buffer was dropped
 
 
 # --- record math ------------------------------------------------------------------------------
@@ -450,6 +478,52 @@ async def test_chunked_body_reassembled_whatever_the_reads(step: int):
     assert result == (200, b"")
     assert sink.data == b"".join(events)
     assert conn.keep_alive and conn.remaining == 0  # trailer consumed: reusable
+
+
+@pytest.mark.parametrize("step", [1, 5, 10_000])
+async def test_interim_responses_are_skipped_whatever_the_reads(step: int):
+    events = [b"data: a\n\n", b"data: [DONE]\n\n"]
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+    sink = _Sink()
+    result, conn = await _parse(interim + _chunked(events), step, sink)
+    assert result == (200, b"") and sink.data == b"".join(events)
+    assert conn.keep_alive and conn.remaining == 0
+
+
+@pytest.mark.parametrize("step", [1_000, 100_000])
+async def test_response_head_is_limited_whatever_the_reads(step: int):
+    padding = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(70))
+    conn = _Conn()
+    done = asyncio.get_running_loop().create_future()
+    conn._reset(_Sink(), done)
+    raw = b"HTTP/1.1 200 OK\r\n" + padding + b"\r\n"
+    for i in range(0, len(raw), step):
+        conn.data_received(raw[i : i + step])
+    with pytest.raises(TransportError, match="response headers too large"):
+        done.result()
+    assert not conn.keep_alive
+
+
+@pytest.mark.parametrize(
+    ("head", "expect"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "invalid Content-Length b'-1'"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1e3\r\n\r\n", "invalid Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length:\r\n\r\n", "invalid Content-Length b''"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "malformed HTTP response head"),
+        (b"HTTP/1.1 099 Odd\r\n\r\n", "malformed HTTP response head"),
+        (b"HTTP/1.1\r\n\r\n", "malformed HTTP response head"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "unexpected HTTP 101"),
+    ],
+)
+async def test_bad_heads_fail_by_name(head: bytes, expect: str):
+    conn = _Conn()
+    done = asyncio.get_running_loop().create_future()
+    conn._reset(_Sink(), done)
+    conn.data_received(head)
+    with pytest.raises(TransportError) as info:
+        done.result()
+    assert expect in str(info.value)
 
 
 async def test_content_length_and_error_bodies():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -166,3 +167,102 @@ def test_unreadable_and_unknown_models(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(ModelError, match=r"no config\.json"):
         load_model(str(empty))
+
+
+# --- broken configs end in one ModelError, never a traceback ------------------------------------
+
+_GOOD = {
+    "model_type": "llama",
+    "num_hidden_layers": 2,
+    "hidden_size": 128,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "intermediate_size": 256,
+    "vocab_size": 1000,
+}
+
+
+def _model_dir(tmp_path: Path, **changes: object) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps({**_GOOD, **changes}))
+    return tmp_path
+
+
+def test_the_good_config_loads(tmp_path: Path) -> None:
+    spec = load_model(str(_model_dir(tmp_path)))
+    assert spec.head_dim == 64 and spec.attention == "mqa"
+
+
+def test_zero_attention_heads_is_a_model_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="num_attention_heads must be positive, got 0"):
+        load_model(str(_model_dir(tmp_path, num_attention_heads=0)))
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("hidden_size", "4096"),
+        ("num_hidden_layers", "thirty-two"),
+        ("num_attention_heads", [32, 32]),
+        ("vocab_size", True),
+        ("num_key_value_heads", "1"),
+        ("head_dim", 64.5),
+        ("intermediate_size", {"mlp": 256}),
+    ],
+)
+def test_a_string_or_list_where_a_number_belongs_is_a_model_error(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    with pytest.raises(ModelError, match=f"config field {key} must be a"):
+        load_model(str(_model_dir(tmp_path, **{key: value})))
+
+
+def test_a_whole_float_is_still_a_number(tmp_path: Path) -> None:
+    assert load_model(str(_model_dir(tmp_path, hidden_size=128.0))).hidden_size == 128
+
+
+def test_a_broken_architecture_field_is_a_model_error(tmp_path: Path) -> None:
+    moe = {"num_local_experts": 4, "num_experts_per_tok": 2, "moe_layer_freq": "two"}
+    with pytest.raises(ModelError, match="unusable architecture field"):
+        load_model(str(_model_dir(tmp_path, **moe)))
+    with pytest.raises(ModelError, match="sliding_window must be a number"):
+        load_model(str(_model_dir(tmp_path, sliding_window="4k")))
+
+
+@pytest.mark.parametrize(
+    "qc,needle",
+    [
+        ("awq", "quantization_config must be a JSON object, got 'awq'"),
+        (["gptq"], "quantization_config must be a JSON object"),
+        ({"quant_method": "gptq", "bits": "four"}, "quantization_config has a value of the wrong"),
+        ({"quant_method": "compressed-tensors", "config_groups": ["g"]}, "wrong kind"),
+    ],
+)
+def test_a_broken_quantization_config_is_a_model_error(
+    tmp_path: Path, qc: object, needle: str
+) -> None:
+    with pytest.raises(ModelError, match=needle):
+        load_model(str(_model_dir(tmp_path, quantization_config=qc)))
+
+
+def _write_header(path: Path, header: dict[str, object]) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+@pytest.mark.parametrize(
+    "entry,needle",
+    [
+        ({"dtype": "BF16", "shape": [2, 2]}, "tensor 'w' has no data_offsets"),
+        ({"shape": [2, 2], "data_offsets": [0, 8]}, "tensor 'w' has no dtype"),
+        ({"dtype": "BF16", "shape": [2, 2], "data_offsets": [8]}, "not [start, end]"),
+        ({"dtype": "BF16", "shape": [2, 2], "data_offsets": [8, 0]}, "not [start, end]"),
+        ({"dtype": "BF16", "shape": "2x2", "data_offsets": [0, 8]}, "not a list of sizes"),
+        ("BF16", "tensor 'w' is not a JSON object"),
+    ],
+)
+def test_a_broken_safetensors_entry_is_a_model_error(
+    tmp_path: Path, entry: object, needle: str
+) -> None:
+    _write_header(_model_dir(tmp_path) / "model.safetensors", {"w": entry})
+    with pytest.raises(ModelError, match=f"safetensors header of .*{re.escape(needle)}"):
+        load_model(str(tmp_path))

@@ -1,7 +1,8 @@
 """vtune quantize without the real tools: calibration, checks, backend errors, cache, CLI errors.
 
 The real AutoAWQ / GPTQ runs are in tests/e2e/test_quantize_e2e.py; here a fake backend writes
-a checkpoint, so the orchestration (marker, reuse, atomic output) is tested in milliseconds.
+a checkpoint, so the orchestration (marker, reuse, the locked swap of the output, recovery after
+a kill) is tested in milliseconds.
 """
 
 from __future__ import annotations
@@ -9,17 +10,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
 from tuner.errors import DatasetError, ModelError, ParameterError, UnsupportedError
+from tuner.plan.prune import Variant
 from tuner.plan.variants import default_variant_dir
+from tuner.quant import outdir
+from tuner.quant import quantize as quantize_module
 from tuner.quant.quality import (
     assess,
     dequantize_awq,
     dequantize_gptq,
+    perplexity,
     quality_loss_pct,
 )
 from tuner.quant.quantize import (
@@ -33,6 +42,7 @@ from tuner.quant.quantize import (
     load_calibration_texts,
     quantize,
 )
+from tuner.quant.variants import materialize
 from tuner.specs.gpu import get_gpu
 from tuner.specs.model import load_model
 
@@ -260,6 +270,170 @@ def test_quantize_checks_gpu_before_anything(tmp_path: Path) -> None:
     gpu = dataclasses.replace(get_gpu("h100"), quantization_methods=("fp8",))
     with pytest.raises(UnsupportedError, match="does not run on h100"):
         quantize(request(tmp_path / "absent", tmp_path / "o"), gpu=gpu)
+
+
+class SlowBackend(FakeBackend):
+    """A fake build that holds on until the test lets it finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.go = threading.Event()
+
+    def quantize(self, job: QuantJob) -> None:
+        self.started.set()
+        assert self.go.wait(10)
+        super().quantize(job)
+
+
+def marker_calib(out: Path) -> str:
+    return json.loads((out / MARKER).read_text())["fingerprint"]["calib_sha256"]
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_rebuild_swaps_new_in_and_leaves_nothing_behind(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "variants" / "m-awq"
+    req = request(model_dir, out, group_size=64, calib_seq_len=64, max_calib_blocks=3)
+    quantize(req, backend=FakeBackend())
+    old_calib = marker_calib(out)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("another text entirely, long enough to make a few blocks. " * 20)
+    rebuilt = quantize(dataclasses.replace(req, calib=str(calib)), backend=FakeBackend())
+    assert not rebuilt.reused and marker_calib(out) != old_calib
+    assert leftovers(out.parent) == []
+    assert (out.parent / ".m-awq.lock").is_file()  # the lock stays: removing it would race
+
+
+def test_failed_second_rename_puts_the_old_checkpoint_back(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    req = request(model_dir, out, group_size=64, calib_seq_len=64, max_calib_blocks=3)
+    quantize(req, backend=FakeBackend())
+    old_calib = marker_calib(out)
+    real_replace, calls = os.replace, []
+
+    def flaky(src, dst):
+        if not Path(src).is_dir():  # the marker's own atomic write
+            return real_replace(src, dst)
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # old aside went fine; the new one cannot go in
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("another text entirely, long enough to make a few blocks. " * 20)
+    with pytest.raises(OSError, match="No space"):
+        quantize(dataclasses.replace(req, calib=str(calib)), backend=FakeBackend())
+    assert calls[0][0] == "out" and calls[0][1].startswith(".out.old-")
+    assert calls[1][0].startswith(".out.tmp-") and calls[1][1] == "out"
+    assert marker_calib(out) == old_calib  # the old checkpoint is back, complete
+    assert quantize(req, backend=FakeBackend()).reused
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_kill_between_the_renames_is_recovered_by_the_next_build(
+    model_dir: Path, tmp_path: Path, finished: bool
+) -> None:
+    """A real kill: the child process is SIGKILLed inside the swap (no rollback, no cleanup)."""
+    out = tmp_path / "out"
+    req = request(model_dir, out, group_size=64, calib_seq_len=64, max_calib_blocks=3)
+    quantize(req, backend=FakeBackend())
+    old_calib = marker_calib(out)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("another text entirely, long enough to make a few blocks. " * 20)
+    new_req = dataclasses.replace(req, calib=str(calib))
+    pid = os.fork()
+    if pid == 0:  # the build that is killed
+        real_replace, calls = os.replace, []
+
+        def killed(src, dst):
+            if not Path(src).is_dir():  # the marker's own atomic write
+                return real_replace(src, dst)
+            calls.append(src)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)  # between "old aside" and "new in"
+            return real_replace(src, dst)
+
+        os.replace = killed  # the child only; it never returns
+        if not finished:  # killed earlier: the new build has no marker yet
+            quantize_module.atomic_write_json = lambda *a, **k: None
+        try:
+            quantize(new_req, backend=FakeBackend())
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+    assert not out.exists() and len(leftovers(tmp_path)) == 2  # the moment after the kill
+
+    again = quantize(new_req if finished else req, backend=FakeBackend())
+    assert again.reused  # a complete checkpoint is back at the path and is used as it is
+    assert marker_calib(out) != old_calib if finished else marker_calib(out) == old_calib
+    assert leftovers(tmp_path) == []
+
+
+def test_leftovers_of_dead_builds_are_removed_live_ones_kept(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    parent = tmp_path / "variants"
+    for name in (".m-awq.tmp-1-0badcafe", ".m-awq.old-424242-00ff", ".m-awq.tmp-77"):
+        (parent / name).mkdir(parents=True)  # pid 1 "lives" in every container: not a test
+        (parent / name / "model.safetensors").write_bytes(b"x" * 1000)
+    (parent / ".m-gptq.lock").touch()  # a sibling target vtune built before, killed mid-build
+    (parent / ".m-gptq.tmp-5-ab").mkdir()
+    (parent / ".m-fp8.lock").touch()  # a sibling being built right now: its lock is held
+    (parent / ".m-fp8.tmp-6-cd").mkdir()
+    (parent / ".tool.tmp-7").mkdir()  # another tool's look-alike, no vtune lock: untouched
+    with outdir._flock(outdir.lock_path(parent / "m-fp8"), wait=False) as held:
+        assert held
+        quantize(request(model_dir, parent / "m-awq", group_size=64), backend=FakeBackend())
+    assert leftovers(parent) == [".m-fp8.tmp-6-cd", ".tool.tmp-7"]
+
+
+def test_second_build_into_the_same_target_waits_then_reuses(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    req = request(model_dir, out, group_size=64, calib_seq_len=64, max_calib_blocks=3)
+    first, second = SlowBackend(), FakeBackend()
+    results: dict[str, object] = {}
+    t1 = threading.Thread(target=lambda: results.setdefault("1", quantize(req, backend=first)))
+    t1.start()
+    assert first.started.wait(10)
+    t2 = threading.Thread(target=lambda: results.setdefault("2", quantize(req, backend=second)))
+    t2.start()
+    time.sleep(0.5)
+    assert t2.is_alive() and not second.jobs  # waiting on the lock, not building alongside
+    first.go.set()
+    t1.join(10)
+    t2.join(10)
+    assert not second.jobs and results["2"].reused and not results["1"].reused
+    assert leftovers(tmp_path) == []
+
+
+def test_quality_guard_without_tokenizer_is_one_line(tmp_path: Path) -> None:
+    base = write_config(tmp_path / "no-tokenizer")  # config and (no) weights, no tokenizer
+    spec = load_model(str(base))
+    variants = {
+        "none": Variant("none", str(base), spec),
+        "fp8": Variant("fp8", str(base), spec, flag="fp8", source="online"),
+    }
+    with pytest.raises(ModelError) as exc:
+        materialize(variants, get_gpu("h100"), max_quality_loss=3.0)
+    message = str(exc.value)
+    assert "\n" not in message and "--max-quality-loss" in message and str(base) in message
+
+
+def test_perplexity_without_tokenizer_is_one_line(tmp_path: Path) -> None:
+    base = write_config(tmp_path / "no-tokenizer")
+    with pytest.raises(ModelError) as exc:
+        perplexity(base, ["some text to score"])
+    assert "\n" not in str(exc.value) and "tokenizer" in str(exc.value)
 
 
 # -- quality arithmetic and unpacking --------------------------------------------------------

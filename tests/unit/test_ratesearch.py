@@ -65,6 +65,7 @@ async def test_no_slo_takes_saturated_throughput() -> None:
     result = await find_max_rate(server.measure, None, RateSearchConfig(concurrency=8))
     assert len(result.points) == 1 and math.isinf(server.loads[0].rate)
     assert server.loads[0].concurrency == 8
+    assert server.loads[0].num_requests == 16  # the set it cycles: two per stream, at least 8
     assert server.loads[0].duration_s == RateSearchConfig(concurrency=8).seconds_per_point
     assert objective_value(result, "throughput") == 1000.0
 

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from tuner.cli import cli
 from tuner.errors import ParameterError
 from tuner.outputs.figure import slo_axes
-from tuner.outputs.report import load_record, profile_text, render_html, trial_views, write_report
+from tuner.outputs.report import profile_text, render_html, trial_views, write_report
+from tuner.search.record import SearchRecord, load_record
 
 SAMPLE = Path(__file__).parent.parent / "data" / "sample_record.json"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -43,8 +44,12 @@ def png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+def typed(data: dict) -> SearchRecord:
+    return SearchRecord.from_json(data)
+
+
 def test_trial_views(record):
-    views = trial_views(record)
+    views = trial_views(typed(record))
     assert [v.state for v in views].count("complete") == 6
     [best] = [v for v in views if v.is_best]
     assert best.name == record["best"] and best.objective == max(
@@ -92,16 +97,17 @@ def test_profile_beside_the_record_is_shown_as_is(record, tmp_path):
     rec_path = tmp_path / "h100.json"
     rec_path.write_text(json.dumps(record))
     (tmp_path / "h100.yaml").write_text("# the exact file\nmodel: m\nmax-num-seqs: 7\n")
-    text = profile_text(record, rec_path)
+    rec = typed(record)
+    text = profile_text(rec, rec_path)
     assert text == "# the exact file\nmodel: m\nmax-num-seqs: 7\n"
-    assert "# the exact file\nmodel: m" in render_html(record, trial_views(record), {}, text)
-    assert "max-num-seqs: 256" in profile_text(record, tmp_path / "other.json")
+    assert "# the exact file\nmodel: m" in render_html(rec, trial_views(rec), {}, text)
+    assert "max-num-seqs: 256" in profile_text(rec, tmp_path / "other.json")
 
 
 def test_html_is_escaped(record):
     rec = copy.deepcopy(record)
     rec["trials"][1]["name"] = "<script>alert(1)</script>"
-    page = render_html(rec, trial_views(rec), {}, "model: <b>\n")
+    page = render_html(typed(rec), trial_views(typed(rec)), {}, "model: <b>\n")
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "model: &lt;b&gt;" in page
 

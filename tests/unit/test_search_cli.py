@@ -146,3 +146,21 @@ def test_metrics_port_in_use(
 def test_missing_model(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = run(capsys, "search", "--model", str(tmp_path / "nope"), "--gpu", "cpu")
     assert code == 2 and "does not exist" in err
+
+
+def test_a_gpu_this_machine_does_not_have_is_a_warning_not_an_error(
+    capsys: pytest.CaptureFixture[str],
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tuner.specs import detect
+
+    h100 = detect.DetectedGpu(0, "NVIDIA H100 80GB HBM3", 80 * 2**30)
+    monkeypatch.setattr(detect, "detect_gpus", lambda: [h100])
+    args = ["search", "--model", str(model_dir), "--dry-run", "--out", str(tmp_path)]
+    code, _, err = run(capsys, *args, "--gpu", "cpu")
+    assert code == 0
+    assert err.startswith("vtune: warning: --gpu cpu, but this machine has 1 GPU(s)")
+    code, _, err = run(capsys, *args, "--gpu", "h100")
+    assert code == 0 and "warning" not in err

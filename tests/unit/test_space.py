@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
+from tuner.analytic.estimate import ServingConfig
 from tuner.errors import ParameterError
 from tuner.plan.prune import (
     RULE_DEFAULTS,
@@ -20,11 +22,15 @@ from tuner.plan.prune import (
     Variant,
     default_space,
     evaluate,
+    feasible_concurrency,
+    normalize,
     plan,
 )
 from tuner.plan.space import Candidate, Space, load_space_file, parse_param_overrides
+from tuner.plan.variants import serving_values
 from tuner.specs.gpu import get_gpu
 from tuner.specs.model import load_model
+from tuner.specs.vllm_defaults import vllm_defaults
 
 
 def target(
@@ -164,18 +170,91 @@ def test_candidate_equal_to_vllm_defaults_is_left_to_the_baseline() -> None:
     for extra in ({"block_size": (128,)}, {"enable_chunked_prefill": (False,)}):
         space = Space({"max_num_seqs": (128,), "max_num_batched_tokens": (2048,), **extra})
         assert not [pr for pr in plan(space, t).pruned if pr.rule == RULE_DEFAULTS]
-    # On an H100 the defaults are 1024 / 8192 (and gpu_memory_utilization 0.9).
+    # On an H100 the defaults are 1024 / 8192 (and gpu_memory_utilization 0.92: vLLM 0.32's
+    # CacheConfig; 0.9 was older vLLM's, and what this rule wrongly assumed).
     h = target("h100", model="qwen2.5-0.5b", context=512)
     space = Space(
         {
             "max_num_seqs": (1024,),
             "max_num_batched_tokens": (8192,),
-            "gpu_memory_utilization": (0.9, 0.95),
+            "gpu_memory_utilization": (0.9, 0.92, 0.95),
         }
     )
     assert [pr.candidate.name for pr in plan(space, h).pruned if pr.rule == RULE_DEFAULTS] == [
-        "seqs1024-mbt8192-gmu0.9"
+        "seqs1024-mbt8192-gmu0.92"
     ]
+
+
+def test_baseline_estimate_and_same_as_defaults_agree_on_vllm_defaults() -> None:
+    # The baseline is estimated with the defaults the same-as-defaults rule compares with: a
+    # candidate that survives never has the baseline's KV pool at the baseline's batch limits
+    # (it would be the baseline, measured twice), and the one pruned sets vLLM's own value.
+    h = target("h100", model="qwen2.5-0.5b", context=512)
+    gmus = (0.85, 0.9, 0.92, 0.95)
+    p = plan(
+        Space(
+            {
+                "max_num_seqs": (1024,),
+                "max_num_batched_tokens": (8192,),
+                "gpu_memory_utilization": gmus,
+            }
+        ),
+        h,
+    )
+    assert len(p.candidates) == len(gmus) - 1
+    assert all(c.kv_capacity_tokens != p.baseline.kv_capacity_tokens for c in p.candidates)
+    same = [pr.candidate for pr in p.pruned if pr.rule == RULE_DEFAULTS]
+    assert [c.gpu_memory_utilization for c in same] == [vllm_defaults().gpu_memory_utilization]
+    assert ServingConfig().gpu_memory_utilization == vllm_defaults().gpu_memory_utilization
+
+
+def test_single_variant_quantization_is_normalized_by_evaluate() -> None:
+    one = target()
+    planned, _ = evaluate(Candidate(max_num_seqs=64, quantization="none"), one)  # type: ignore
+    assert planned.name == "seqs64" and normalize(Candidate(quantization="none"), one).is_baseline
+    pruned = evaluate(Candidate(max_num_seqs=4096, quantization="none"), one)
+    assert isinstance(pruned, Pruned) and pruned.candidate.name == "seqs4096"
+    two = target(fp8="fp8")
+    planned, _ = evaluate(Candidate(max_num_seqs=64, quantization="none"), two)  # type: ignore
+    assert planned.name == "seqs64-qnone"
+    # The plan names them the same way (the grid holds "none" as the one variant).
+    names = [
+        c.name
+        for c in plan(Space({"max_num_seqs": (64,), "quantization": ("none",)}), one).candidates
+    ]
+    assert names == ["seqs64"]
+
+
+@pytest.mark.parametrize(
+    ("seqs", "fits", "expected"),
+    [(64, 10.7, 10), (8, 100.0, 8), (64, 0.3, 1), (64, 0.0, 1), (16, 16.0, 16), (4, math.inf, 4)],
+)
+def test_feasible_concurrency(seqs: int, fits: float, expected: int) -> None:
+    assert feasible_concurrency(seqs, fits) == expected
+
+
+def test_capped_candidates_use_the_feasible_concurrency() -> None:
+    t = target("a100-40gb", context=8192)
+    planned, cap = evaluate(Candidate(max_num_seqs=64), t)  # type: ignore[misc]
+    assert cap is not None
+    assert planned.candidate.max_num_seqs == feasible_concurrency(64, planned.max_concurrency)
+
+
+def test_serving_values_fixed_then_candidate_then_variant() -> None:
+    spec = load_model("llama-3.1-8b")
+    fp8 = Variant("fp8", "org/m", spec, flag="fp8", source="online")
+    fixed = {"model": "ignored", "max_model_len": 512, "max_num_seqs": 4, "quantization": "awq"}
+    cand = Candidate(max_num_seqs=8, quantization="fp8")
+    values = serving_values(fixed, cand, fp8)
+    assert values == {
+        "model": "org/m",
+        "max_model_len": 512,
+        "max_num_seqs": 8,
+        "quantization": "fp8",
+    }
+    assert next(iter(values)) == "model"
+    none = Variant("none", "org/m", spec)
+    assert "quantization" not in serving_values({}, Candidate(quantization="none"), none)
 
 
 def test_empty_plan_names_the_rule() -> None:

@@ -134,6 +134,53 @@ def test_bad_dataset_files(tok: Any, tmp_path: Path, content: str | None, fragme
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"\xff\xfe[]", "is not UTF-8 text (byte 0)"),
+        (b"[\n" + "«»".encode("latin-1") + b"]", "is not UTF-8 text (byte 2)"),
+        (b"", "not valid JSON (Expecting value, line 1)"),
+        (b"[1, 2,\n", "not valid JSON"),
+        (b"[" * 100_000, "not valid JSON"),
+        (b'"a string"', "expected a JSON list of conversations"),
+        (b"null", "expected a JSON list of conversations"),
+        (b"[[], 1, null, {}]", "no entry"),
+        (b'[{"conversations": "hi"}, {"conversations": [{"value": 1}, {"value": 2}]}]', "no entry"),
+    ],
+)
+def test_unreadable_sharegpt_is_one_dataset_error(tmp_path: Path, content: bytes, fragment: str):
+    path = tmp_path / "d.json"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError) as info:
+        read_sharegpt(path)
+    message = str(info.value)
+    assert fragment in message and str(path) in message and "\n" not in message
+
+
+def test_sharegpt_path_that_is_a_directory_or_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    with pytest.raises(DatasetError, match="is a directory, not a ShareGPT JSON file"):
+        read_sharegpt(tmp_path)
+    with pytest.raises(DatasetError, match="dataset file not found"):
+        read_sharegpt(tmp_path / "missing.json")
+    path = _sharegpt(tmp_path / "sg.json")
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # root reads any file: fake the refusal
+    with pytest.raises(DatasetError) as info:
+        read_sharegpt(path)
+    assert str(info.value) == f"cannot read dataset {path}: Permission denied"
+
+
+def test_sharegpt_with_a_byte_order_mark_is_read(tmp_path: Path):
+    path = _sharegpt(tmp_path / "sg.json")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert len(read_sharegpt(path)) == 5
+
+
 def test_dataset_with_nothing_that_fits(tok: Any, tmp_path: Path):
     path = _sharegpt(tmp_path / "sg.json")
     with pytest.raises(DatasetError, match="no conversation fits"):

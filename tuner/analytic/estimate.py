@@ -1,6 +1,6 @@
 """The analytic model (pure functions, no I/O): memory, KV cache, capacity, roofline.
 
-Formulas and their sources are in DESIGN.md ("The analytic model"); each result carries an
+Each formula is stated in the docstring of the function that computes it; each result carries an
 ``explain`` list that shows the formula with its values, which ``vtune estimate --explain`` prints.
 
 Calibratable constants are the fields of :class:`Efficiency` and :class:`Overheads`; their
@@ -13,6 +13,14 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from tuner.analytic.formulas import (
+    activation_bytes,
+    kv_bytes_per_sequence,
+    kv_bytes_per_token,
+    kv_capacity_tokens,
+    naive_max_batch,
+    roofline_knee,
+)
 from tuner.analytic.weights import (
     HALF,
     QuantScheme,
@@ -23,15 +31,15 @@ from tuner.analytic.weights import (
 )
 from tuner.errors import ParameterError, UnsupportedError
 from tuner.specs.gpu import GpuSpec
-from tuner.specs.model import ModelSpec, kv_width_per_layer
+from tuner.specs.knobs import find_knob
+from tuner.specs.model import ModelSpec
+from tuner.specs.vllm_defaults import vllm_defaults
 
 GiB = 2**30
-# DESIGN: on vLLM CPU the pool is fixed by --kv-cache-memory-bytes; 1 GiB is plenty for the tiny
-# model and leaves the NUMA node's memory to everything else.
+# On vLLM CPU the pool is fixed by --kv-cache-memory-bytes; 1 GiB is plenty for the tiny
+# model and leaves the NUMA node's memory to everything else. vtune's choice, not vLLM's.
 CPU_DEFAULT_KV_CACHE_BYTES = GiB
-VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # vllm/config/cache.py, vLLM 0.32
-VLLM_DEFAULT_BLOCK_SIZE = 16  # CacheConfig.DEFAULT_BLOCK_SIZE on CUDA
-VLLM_CPU_BLOCK_SIZE = 128  # vllm/platforms/cpu.py: the CPU backend prefers 128
+VLLM = vllm_defaults()  # what vLLM uses for knobs left unset (tuner.specs.vllm_defaults)
 KV_DTYPE_BYTES = {
     "auto": HALF,
     "bfloat16": 2,
@@ -75,18 +83,20 @@ class Overheads:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """The vLLM settings an estimate depends on (vLLM flag names; None = vLLM's default)."""
+    """The vLLM settings an estimate depends on: knobs of ``tuner.specs.knobs`` (plus
+    ``context_len``, the workload's). None and the defaults here are vLLM's own defaults, from
+    ``tuner.specs.vllm_defaults``."""
 
     max_model_len: int | None = None
     context_len: int | None = None  # S for max concurrency and KV reads; default max_model_len
     quantization: str | None = None
-    kv_cache_dtype: str = "auto"
-    gpu_memory_utilization: float = VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+    kv_cache_dtype: str = VLLM.kv_cache_dtype
+    gpu_memory_utilization: float = VLLM.gpu_memory_utilization
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
-    block_size: int | None = None  # None: the platform default (16 on GPU, 128 on CPU)
+    block_size: int | None = None  # None: the platform's (VllmDefaults.block_size_for)
     kv_cache_memory_bytes: int | None = None
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = VLLM.tensor_parallel_size
 
 
 @dataclass(frozen=True)
@@ -144,88 +154,6 @@ class Estimate:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building blocks
-
-
-def kv_bytes_per_token(model: ModelSpec, kv_dtype_bytes: int, tensor_parallel_size: int = 1) -> int:
-    """KV bytes one token costs across all layers (one GPU's share under TP).
-
-    MHA/GQA/MQA: 2 (K and V) x L x n_kv x d x b; MLA: L x (kv_lora_rank + rope dim) x b.
-    Sliding-window layers cost the same per token but hold at most ``window`` tokens.
-    """
-    return model.num_layers * kv_width_per_layer(model, tensor_parallel_size) * kv_dtype_bytes
-
-
-def kv_bytes_per_sequence(
-    model: ModelSpec,
-    context: int,
-    kv_dtype_bytes: int,
-    block_size: int = 1,
-    tensor_parallel_size: int = 1,
-) -> int:
-    """KV bytes of one sequence of ``context`` tokens, rounded up to whole blocks, with
-    sliding-window layers capped at their window (rounded up to blocks, plus one block)."""
-    per_layer = kv_width_per_layer(model, tensor_parallel_size) * kv_dtype_bytes
-    full = _round_up(context, block_size)
-    sliding = full
-    if model.sliding_window and model.num_sliding_layers:
-        sliding = min(full, _round_up(model.sliding_window, block_size) + block_size)
-    return per_layer * (model.num_full_attention_layers * full + model.num_sliding_layers * sliding)
-
-
-def activation_bytes(
-    model: ModelSpec, max_num_batched_tokens: int, max_num_seqs: int, tensor_parallel_size: int = 1
-) -> int:
-    """Peak activation memory of vLLM's profiling run: a forward pass of
-    ``max_num_batched_tokens`` tokens (MLP gate/up output, activation, residual stream, q/k/v)
-    plus the sampler's fp32 logits and probabilities for ``max_num_seqs`` sequences."""
-    inter = model.intermediate_size
-    if model.is_moe:
-        expert_inter = max(g.out_features for g in model.linear_groups if g.kind == "expert")
-        inter = max(inter, model.num_experts_per_tok * expert_inter)
-    q_kv = (model.num_attention_heads + 2 * model.num_kv_heads) * model.head_dim
-    per_token = (3 * inter + q_kv) // tensor_parallel_size + 4 * model.hidden_size
-    logits = max_num_seqs * model.vocab_size * 4 * 2
-    return max_num_batched_tokens * per_token * HALF + logits
-
-
-def naive_max_batch(memory_bytes: int, weights: int, per_sequence: int) -> int:
-    """The seed's bound: whole card, no overhead: floor((memory - weights) / KV per sequence)."""
-    return max(0, (memory_bytes - weights) // per_sequence)
-
-
-def kv_capacity_tokens(pool_bytes: int, block_size: int, per_token: int) -> int:
-    """vLLM's capacity: floor(pool / (block_size x KV bytes per token)) x block_size."""
-    if pool_bytes <= 0:
-        return 0
-    return (pool_bytes // (block_size * per_token)) * block_size
-
-
-def roofline_knee(
-    weight_read: float,
-    params: float,
-    bandwidth: float,
-    flops: float,
-    context: int = 0,
-    kv_per_token: int = 0,
-) -> float | None:
-    """Batch where a decode step's compute time catches up with its memory time.
-
-    Without KV reads: B* = F x W / (2 x P x BW) (for bf16 weights, F / BW). With KV reads at
-    context C: B* = W / (2 P BW / F - C x kv_bytes_per_token); None when that denominator is
-    <= 0 (KV reads grow as fast as compute: no knee at any batch).
-    """
-    denom = 2.0 * params * bandwidth / flops - context * kv_per_token
-    if denom <= 0:
-        return None
-    return weight_read / denom
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-# ---------------------------------------------------------------------------------------------
 # The whole estimate
 
 
@@ -242,7 +170,8 @@ def check_config(model: ModelSpec, gpu: GpuSpec, cfg: ServingConfig) -> None:
     ):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
-            flag = "--" + name.replace("_", "-")
+            known = find_knob(name)  # context_len is vtune's own: --context-len
+            flag = known.flag if known else "--" + name.replace("_", "-")
             raise ParameterError(f"{flag} must be positive, got {value}")
     if not 0.0 < cfg.gpu_memory_utilization <= 1.0:
         raise ParameterError(
@@ -276,25 +205,6 @@ def check_config(model: ModelSpec, gpu: GpuSpec, cfg: ServingConfig) -> None:
         )
 
 
-def default_block_size(gpu: GpuSpec, model: ModelSpec) -> int:
-    """vLLM's block size when unset: 128 on CPU (MLA forces 16 there), 16 on GPU."""
-    if gpu.is_cpu and model.attention != "mla":
-        return VLLM_CPU_BLOCK_SIZE
-    return VLLM_DEFAULT_BLOCK_SIZE
-
-
-def default_batch_limits(gpu: GpuSpec, tp: int) -> tuple[int, int]:
-    """vLLM 0.32's defaults for the API server: (max_num_batched_tokens, max_num_seqs),
-    from vllm/engine/arg_utils.py get_batch_defaults."""
-    if gpu.is_cpu:
-        return 2048 * tp, 128 * tp
-    if gpu.memory_bytes >= 160 * GiB:
-        return 16384, 1024
-    if gpu.memory_bytes >= 70 * GiB and "a100" not in gpu.name:
-        return 8192, 1024
-    return 2048, 256
-
-
 def estimate(
     model: ModelSpec,
     gpu: GpuSpec,
@@ -313,7 +223,7 @@ def estimate(
     scheme = resolve_scheme(model, cfg.quantization)
     max_model_len = cfg.max_model_len or model.max_position_embeddings
     context = cfg.context_len or max_model_len
-    default_tokens, default_seqs = default_batch_limits(gpu, tp)
+    default_tokens, default_seqs = VLLM.batch_limits(gpu, tp)
     max_seqs = cfg.max_num_seqs or default_seqs
     batched = cfg.max_num_batched_tokens or default_tokens
     kv_b = (
@@ -321,7 +231,7 @@ def estimate(
         if cfg.kv_cache_dtype == "auto"
         else KV_DTYPE_BYTES[cfg.kv_cache_dtype]
     )
-    bs = cfg.block_size or default_block_size(gpu, model)
+    bs = cfg.block_size or VLLM.block_size_for(gpu, model)
 
     weights = _served_weight_bytes(model, scheme)
     per_token = kv_bytes_per_token(model, kv_b, tp)

@@ -22,6 +22,7 @@ COMMANDS = {
     "report": "tuner.cli.report:report",
     "deploy": "tuner.cli.deploy:deploy",
     "tiny-model": "tuner.cli.tiny:tiny_model",
+    "probe": "tuner.cli.probe:probe",
 }
 
 

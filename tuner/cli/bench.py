@@ -9,12 +9,16 @@ from typing import Any
 import click
 
 from tuner.cli.common import (
-    engine_args_option,
+    engine_arg_option,
+    gpu_option,
     metrics_options,
+    model_option,
     non_negative,
     positive_float,
     positive_int,
+    seed_option,
     slo_option,
+    startup_timeout_option,
     workload_options,
     workload_spec,
 )
@@ -22,21 +26,9 @@ from tuner.cli.common import (
 
 @click.command()
 @workload_options
-@click.option("--model", required=True, help="Model directory (or HF id in the local cache).")
-@click.option(
-    "--gpu",
-    "gpu_name",
-    default=None,
-    help="GPU from the registry (`vtune gpus`); default cpu with vLLM's CPU build.",
-)
-@click.option(
-    "--engine-arg",
-    "engine_args",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=engine_args_option,
-    help="A vLLM engine setting, e.g. max_num_seqs=8 (repeatable).",
-)
+@model_option("Model directory (or HF id in the local cache).")
+@gpu_option("GPU from the registry (`vtune gpus`); default cpu with vLLM's CPU build.")
+@engine_arg_option("A vLLM engine setting, e.g. max_num_seqs=8 (repeatable).")
 @click.option("--url", default=None, help="Measure this running server instead of starting one.")
 @click.option("--served-model-name", default=None, help="Model name to send (default: server's).")
 @click.option("--tokenizer", default=None, help="Tokenizer directory (default: the model's).")
@@ -106,31 +98,23 @@ from tuner.cli.common import (
     show_envvar=True,
     help="Bearer token for the server (never printed or written).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option()
 @click.option("--port", type=int, default=None, help="Port for the started vLLM (default: free).")
-@click.option(
-    "--startup-timeout",
-    type=float,
-    default=None,
-    callback=positive_float,
-    help="Seconds to wait for vLLM to become healthy.",
-)
+@startup_timeout_option(None, "Seconds to wait for vLLM to become healthy.")
 @click.option("--no-scrape", is_flag=True, help="Do not scrape the server's /metrics.")
 @metrics_options
 def bench(**opts: Any) -> None:
     """Start vLLM (or use --url), run the load, print a table, write --json, stop vLLM."""
+    from tuner.cli.console import print_bench_result
     from tuner.measure import bench as core
     from tuner.outputs.prometheus import exporting
     from tuner.outputs.prometheus_bench import BenchExporter
+    from tuner.specs.detect import gpu_choice_warnings
 
     cfg = _config(opts)
     if opts["gpu_name"] and opts["url"] is None:
-        from tuner.specs.detect import check_gpu_choice, detect_gpus
-        from tuner.specs.gpu import get_gpu
-
-        warning = check_gpu_choice(get_gpu(opts["gpu_name"]), detect_gpus())
-        if warning:
-            click.echo(f"vtune: warning: {warning}", err=True)
+        for line in gpu_choice_warnings(opts["gpu_name"]):
+            click.echo(f"vtune: warning: {line}", err=True)
     info = {"model": opts["model"], "gpu": opts["gpu_name"] or "cpu"}
     with exporting(
         BenchExporter, opts["metrics_port"], opts["metrics_host"], opts["pushgateway"], info=info
@@ -140,7 +124,7 @@ def bench(**opts: Any) -> None:
         )
         if exporter is not None and result.summary is not None:
             exporter.finish(result.summary.to_json())
-    _print(result)
+    print_bench_result(result)
     if opts["json_out"] is not None:
         path = core.write_json(result, opts["json_out"])
         click.echo(f"vtune: wrote {path}", err=True)
@@ -190,66 +174,3 @@ def _config(o: dict[str, Any]) -> Any:
         slo=o["slo"],
         scrape=not o["no_scrape"],
     )
-
-
-def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value * scale:,.{digits}f}"
-
-
-def _print(result: Any) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = Console()
-    s = result.summary
-    if s is not None:
-        t = Table(title="vtune bench", title_justify="left", show_header=False)
-        t.add_column("", style="bold")
-        t.add_column("", justify="right")
-        for label, value in (
-            ("completed / failed", f"{s.completed} / {s.failed}"),
-            ("duration (s)", _fmt(s.duration)),
-            ("request throughput (req/s)", _fmt(s.request_throughput)),
-            ("request goodput (req/s)", _fmt(s.request_goodput)),
-            ("output throughput (tok/s)", _fmt(s.output_throughput)),
-            ("total token throughput (tok/s)", _fmt(s.total_token_throughput)),
-            ("input / output tokens", f"{s.total_input_tokens:,} / {s.total_output_tokens:,}"),
-            ("peak requests in flight", f"{s.peak_in_flight}"),
-        ):
-            t.add_row(label, value)
-        console.print(t)
-        lat = Table(title="latency (ms)", title_justify="left")
-        for col in ("metric", "mean", "median", "std", "p90", "p95", "p99", "max"):
-            lat.add_column(col, justify="right" if col != "metric" else "left")
-        for name in ("ttft", "tpot", "itl", "e2el"):
-            d = getattr(s, name)
-            lat.add_row(
-                name.upper(),
-                *(
-                    _fmt(getattr(d, k), 1e3)
-                    for k in ("mean", "median", "std", "p90", "p95", "p99", "max")
-                ),
-            )
-        console.print(lat)
-    m = result.measurement
-    if m is not None and m.server is not None:
-        sv = m.server
-        console.print(
-            f"server: peak KV usage {_fmt(sv.peak_kv_cache_usage, 100, 1)}%, max running "
-            f"{_fmt(sv.max_running, 1, 0)}, max waiting {_fmt(sv.max_waiting, 1, 0)}, "
-            f"preemptions {_fmt(sv.preemptions, 1, 0)}, generated tokens "
-            f"{_fmt(sv.generation_tokens, 1, 0)}, mean server TTFT "
-            f"{_fmt(sv.server_ttft_mean, 1e3)} ms"
-            + (f" ({sv.failures} scrapes failed)" if sv.failures else "")
-        )
-    for term, value, ok in result.slo_check:
-        console.print(f"SLO {term}: {_fmt(value, 1e3)} ms {'[green]met' if ok else '[red]missed'}")
-    if s is not None and s.errors:
-        for err, n in list(s.errors.items())[:5]:
-            console.print(f"[red]{n} x {escape(err)}")
-    if result.status != "ok":
-        console.print(
-            f"[red]failed ({result.failure}): {escape(result.message or '')}"
-            + (" — partial results" if result.partial else "")
-        )

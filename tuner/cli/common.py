@@ -1,9 +1,18 @@
-"""Shared CLI plumbing: lazy command loading, error mapping, common option callbacks."""
+"""Shared CLI plumbing: lazy command loading, error mapping, option callbacks, and the options
+several commands declare.
+
+Option decorators come in two kinds. Blocks (:func:`workload_options`, :func:`metrics_options`)
+are plain decorators: the same options, texts and defaults wherever they appear. Single options
+that recur with a command-specific help text or default (``--model``, ``--gpu``,
+``--engine-arg``, ...) are factories: ``@gpu_option("GPU from the registry.", required=True)``.
+Either way the name, destination, type and callback of an option are written once, here.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +130,7 @@ def parse_scalar(text: str) -> Any:
     return text.strip()
 
 
-def engine_args_option(
+def parse_engine_args(
     ctx: click.Context, param: click.Parameter, pairs: tuple[str, ...]
 ) -> dict[str, Any]:
     """click callback for repeatable ``--engine-arg KEY=VALUE``: a bare KEY is a flag (True);
@@ -254,3 +263,66 @@ def workload_spec(o: dict[str, Any], num_prompts: int = 100) -> Any:
         num_prefixes=o["num_prefixes"],
         seed=o["seed"],
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Single options shared by several commands (help texts and defaults differ per command)
+
+Decorator = Callable[[Any], Any]
+
+
+def model_option(help: str, *, required: bool = True) -> Decorator:
+    """``--model`` (parameter ``model``): a model directory, HF id or bundled card."""
+    return click.option("--model", "model", required=required, help=help)
+
+
+def gpu_option(help: str, *, default: str | None = None, required: bool = False) -> Decorator:
+    """``--gpu`` (parameter ``gpu_name``): a GPU registry name, or cpu; a default is shown."""
+    extra: dict[str, Any] = {"default": default, "show_default": True} if default else {}
+    return click.option("--gpu", "gpu_name", required=required, help=help, **extra)
+
+
+def engine_arg_option(help: str) -> Decorator:
+    """Repeatable ``--engine-arg KEY=VALUE`` (parameter ``engine_args``, a dict; see
+    :func:`parse_engine_args`)."""
+    return click.option(
+        "--engine-arg",
+        "engine_args",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=parse_engine_args,
+        help=help,
+    )
+
+
+def max_model_len_option(help: str | None = None) -> Decorator:
+    """``--max-model-len``: vLLM's flag of that name, a positive integer."""
+    return click.option("--max-model-len", type=int, callback=positive_int, help=help)
+
+
+def kv_cache_memory_bytes_option(help: str) -> Decorator:
+    """``--kv-cache-memory-bytes``: vLLM's flag of that name, a byte size (1GiB, 40e9, ...)."""
+    return click.option("--kv-cache-memory-bytes", callback=bytes_option, help=help)
+
+
+def startup_timeout_option(default: float | None, help: str | None = None) -> Decorator:
+    """``--startup-timeout``: seconds to wait for vLLM to become healthy; a default is shown."""
+    extra: dict[str, Any] = {"show_default": True} if default is not None else {}
+    return click.option(
+        "--startup-timeout",
+        type=float,
+        default=default,
+        callback=positive_float,
+        help=help,
+        **extra,
+    )
+
+
+def seed_option() -> Decorator:
+    """``--seed`` (default 0): the seed of every random choice the command makes."""
+    return click.option("--seed", type=int, default=0, show_default=True)
+
+
+def json_flag_option(help: str = "Print one JSON object.") -> Decorator:
+    """``--json`` as a flag (parameter ``as_json``): print JSON instead of tables."""
+    return click.option("--json", "as_json", is_flag=True, help=help)

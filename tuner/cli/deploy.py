@@ -39,7 +39,7 @@ def deploy(
     """Render a ConfigMap (the PROFILE YAML as it is), a Deployment running
     `vllm serve --config` with it, and a Service. Apply with `kubectl apply -f`."""
     from tuner.errors import ParameterError
-    from tuner.files import atomic_write_text, read_json
+    from tuner.files import atomic_write_text
     from tuner.outputs.k8s import (
         ServingSpec,
         default_name,
@@ -48,6 +48,7 @@ def deploy(
         parse_profile,
         render_serving,
     )
+    from tuner.search.record import load_record
 
     if profile.suffix == ".json":  # the record: take the profile YAML beside it
         profile = profile.with_suffix(".yaml")
@@ -56,9 +57,9 @@ def deploy(
     except OSError as exc:
         raise ParameterError(f"cannot read {profile}: {exc.strerror or exc}") from None
     config = parse_profile(text)
-    if image is None:
+    if image is None:  # the vLLM the profile was tuned with, from the record beside it
         record = profile.with_suffix(".json")
-        version = read_json(record).get("vllm_version") if record.is_file() else None
+        version = load_record(record).vllm_version if record.is_file() else None
         image = image_for_version(version)
     spec = ServingSpec(
         name=name or default_name(config),

@@ -6,24 +6,21 @@ import json
 
 import click
 
-from tuner.cli.common import bytes_option, fraction_option, positive_int
+from tuner.cli.common import (
+    fraction_option,
+    gpu_option,
+    json_flag_option,
+    kv_cache_memory_bytes_option,
+    max_model_len_option,
+    model_option,
+    positive_int,
+)
 
 
 @click.command()
-@click.option("--model", "model_name", help="HF id, local directory or bundled card name.")
-@click.option(
-    "--gpu",
-    "gpu_name",
-    default="h100",
-    show_default=True,
-    help="GPU from the registry (`vtune gpus`), or cpu.",
-)
-@click.option(
-    "--max-model-len",
-    type=int,
-    callback=positive_int,
-    help="vLLM --max-model-len; also the context S unless --context-len is given.",
-)
+@model_option("HF id, local directory or bundled card name.", required=False)
+@gpu_option("GPU from the registry (`vtune gpus`), or cpu.", default="h100")
+@max_model_len_option("vLLM --max-model-len; also the context S unless --context-len is given.")
 @click.option(
     "--context-len",
     type=int,
@@ -47,19 +44,15 @@ from tuner.cli.common import bytes_option, fraction_option, positive_int
     callback=positive_int,
     help="KV block size (default: vLLM's, 16 on GPU, 128 on CPU).",
 )
-@click.option(
-    "--kv-cache-memory-bytes",
-    callback=bytes_option,
-    help="Fix the KV pool (vLLM's flag), e.g. 1GiB. Default on cpu: 1GiB.",
-)
+@kv_cache_memory_bytes_option("Fix the KV pool (vLLM's flag), e.g. 1GiB. Default on cpu: 1GiB.")
 @click.option(
     "--tensor-parallel-size", "-tp", type=int, default=1, show_default=True, callback=positive_int
 )
 @click.option("--explain", is_flag=True, help="Show each formula with its values.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_flag_option()
 @click.option("--list-models", is_flag=True, help="List the bundled model cards and exit.")
 def estimate(
-    model_name: str | None,
+    model: str | None,
     gpu_name: str,
     max_model_len: int | None,
     context_len: int | None,
@@ -86,9 +79,9 @@ def estimate(
     if list_models:
         click.echo("\n".join(card_ids()))
         return
-    if not model_name:
+    if not model:
         raise click.UsageError("--model is required")
-    model = load_model(model_name)
+    spec = load_model(model)
     gpu = get_gpu(gpu_name)
     cfg = ServingConfig(
         max_model_len=max_model_len,
@@ -102,8 +95,8 @@ def estimate(
         kv_cache_memory_bytes=kv_cache_memory_bytes,
         tensor_parallel_size=tensor_parallel_size,
     )
-    result = run_estimate(model, gpu, cfg)
-    lines = explain_lines(model, result)
+    result = run_estimate(spec, gpu, cfg)
+    lines = explain_lines(spec, result)
     if as_json:
         data = result.to_json()
         data["explain"] = [str(line) for line in lines]

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from tuner.cli.common import json_flag_option
+
 _COLUMNS = {  # registry row key -> column title
     "name": "name",
     "aliases": "aliases",
@@ -18,7 +20,7 @@ _COLUMNS = {  # registry row key -> column title
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+@json_flag_option("Print the registry as JSON.")
 @click.option("--wide", is_flag=True, help="Also show quantization methods and KV dtypes.")
 def gpus(as_json: bool, wide: bool) -> None:
     """List the GPUs vtune knows (dense datasheet peaks) and the ones detected here."""

@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tuner.search.record import TrialRecord
+from tuner.search.record import SearchRecord, TrialRecord
 
 
 class SearchProgress:
@@ -60,5 +60,5 @@ class SearchProgress:
             highlight=False,
         )
 
-    def on_finish(self, record: dict[str, Any]) -> None:
-        self.progress.update(self.task, description="done", status=f"best {record.get('best')}")
+    def on_finish(self, record: SearchRecord) -> None:
+        self.progress.update(self.task, description="done", status=f"best {record.best}")

@@ -6,11 +6,11 @@ import json
 
 import click
 
-from tuner.cli.common import positive_int
+from tuner.cli.common import gpu_option, json_flag_option, model_option, positive_int
 
 
 @click.command()
-@click.option("--model", "model_name", required=True, help="16-bit model directory (or hub id).")
+@model_option("16-bit model directory (or hub id).")
 @click.option(
     "--method",
     required=True,
@@ -43,10 +43,10 @@ from tuner.cli.common import positive_int
     callback=positive_int,
     help="At most this many calibration blocks.",
 )
-@click.option("--gpu", "gpu_name", help="Check that vLLM on this GPU serves the method.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@gpu_option("Check that vLLM on this GPU serves the method.")
+@json_flag_option()
 def quantize(
-    model_name: str,
+    model: str,
     method: str,
     out_dir: str,
     bits: int,
@@ -64,7 +64,7 @@ def quantize(
 
     gpu = get_gpu(gpu_name) if gpu_name else None
     request = QuantizeRequest(
-        model=model_name,
+        model=model,
         method=method.lower(),
         out_dir=out_dir,
         bits=bits,

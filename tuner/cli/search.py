@@ -10,12 +10,17 @@ from typing import Any
 import click
 
 from tuner.cli.common import (
-    bytes_option,
-    engine_args_option,
+    engine_arg_option,
+    gpu_option,
+    kv_cache_memory_bytes_option,
+    max_model_len_option,
     metrics_options,
+    model_option,
     non_negative,
     positive_float,
     positive_int,
+    seed_option,
+    startup_timeout_option,
     workload_options,
     workload_spec,
 )
@@ -35,8 +40,8 @@ def _key_value(
 
 @click.command()
 @workload_options
-@click.option("--model", required=True, help="HF id, local directory or bundled card.")
-@click.option("--gpu", "gpu_name", required=True, help="GPU from the registry, or cpu.")
+@model_option("HF id, local directory or bundled card.")
+@gpu_option("GPU from the registry, or cpu.", required=True)
 @click.option("--slo", default=None, help='e.g. "ttft:p95<500ms;tpot:p95<50ms".')
 @click.option(
     "--objective",
@@ -93,18 +98,9 @@ def _key_value(
     help="Drop variants whose perplexity on the calibration texts rises more than this %.",
 )
 @click.option("--calib", default=None, help="Calibration texts (default: vtune's bundled set).")
-@click.option(
-    "--engine-arg",
-    "engine_args",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=engine_args_option,
-    help="A vLLM setting fixed for every trial, e.g. enforce_eager (repeatable).",
-)
-@click.option("--max-model-len", type=int, callback=positive_int)
-@click.option(
-    "--kv-cache-memory-bytes", callback=bytes_option, help="Fix the KV pool (default on cpu: 1GiB)."
-)
+@engine_arg_option("A vLLM setting fixed for every trial, e.g. enforce_eager (repeatable).")
+@max_model_len_option()
+@kv_cache_memory_bytes_option("Fix the KV pool (default on cpu: 1GiB).")
 @click.option("--finalists", type=int, default=3, show_default=True, callback=non_negative)
 @click.option(
     "--repeats",
@@ -148,11 +144,9 @@ def _key_value(
     default=None,
     help="Profiles root (default ./profiles).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option()
 @click.option("--dry-run", is_flag=True, help="Print the plan; launch nothing.")
-@click.option(
-    "--startup-timeout", type=float, default=600.0, show_default=True, callback=positive_float
-)
+@startup_timeout_option(600.0)
 @click.option("--vllm-python", default=None, help="Python that has vLLM (default: this one).")
 @metrics_options
 def search(**o: Any) -> None:

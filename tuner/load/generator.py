@@ -1,7 +1,7 @@
 """The load generator: many streamed requests on an arrival schedule, against one server.
 
 * :class:`LoadConfig` — rate, burstiness, concurrency, warm-up, stop by count or duration,
-  per-request timeout, endpoint.
+  per-request timeout, endpoint; an API key a header cannot carry is refused here.
 * :func:`arrivals` — the schedule, an async generator of ``(request, due_at)`` apart from the
   sender: Poisson (burstiness 1), gamma (other burstiness; shape = burstiness,
   scale = 1 / (rate * burstiness), as vLLM defines it), constant (burstiness = inf) or all at
@@ -9,8 +9,8 @@
 * :func:`run_load` — warm-up (not measured), then the measured phase until the request count or
   the duration is reached; returns every record and the measurement window.
 
-One request (SSE parsing, :class:`RequestRecord`, :func:`send_request`) lives in
-:mod:`tuner.load.stream`; the HTTP transports in :mod:`tuner.load.transport`.
+One request (:class:`RequestRecord`, :func:`send_request`) lives in :mod:`tuner.load.stream`,
+SSE parsing in :mod:`tuner.load.sse`, the HTTP transports in :mod:`tuner.load.transport`.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class LoadConfig:
             raise ParameterError("a duration-limited run needs a finite rate or a concurrency")
         if self.endpoint not in ("completions", "chat"):
             raise ParameterError(f"endpoint must be 'completions' or 'chat', got {self.endpoint}")
+        auth_headers(self.api_key)  # a key no HTTP header can carry fails here, before any request
 
     @property
     def arrival(self) -> str:

@@ -1,16 +1,11 @@
-"""One streamed request: SSE parsing, event classification, the per-request record, sending.
+"""One streamed request: the per-request record and sending.
 
-* :class:`SseParser` turns raw bytes as they come off the socket into complete ``data`` payloads,
-  whatever the read boundaries: UTF-8 characters split across reads, events split anywhere,
-  ``\\n``, ``\\r\\n`` or ``\\r`` line ends, comment (keep-alive) lines, multi-line ``data`` fields.
-* :func:`classify` turns one payload into what the client acts on: a token chunk, the usage
-  chunk, ``[DONE]``, an error object sent inside the stream, or a malformed chunk.
+* :class:`Flight` — the stream sink of one request in flight: SSE payloads (parsed and classified
+  by :mod:`tuner.load.sse`) become token times, the server's usage counts, or an error.
 * :class:`RequestRecord` — one frozen record per request with raw ``time.perf_counter``
   stamps; TTFT, ITL, TPOT and E2E latency are properties, ``None`` (never 0.0) when not set.
 * :func:`send_request` — sends one request and never raises: HTTP errors, timeouts, resets,
   malformed chunks and error objects in the stream all end up in ``RequestRecord.error``.
-
-The parser and classifier are pure (no I/O, no clock) and tested on their own.
 """
 
 from __future__ import annotations
@@ -18,150 +13,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass
-from typing import Literal
+from http import HTTPStatus
 
 import aiohttp
 
 from tuner.errors import ParameterError
+from tuner.load.sse import SseParser, StreamError, classify
 from tuner.load.transport import Transport, TransportError
 from tuner.load.workload import Endpoint, Request
 
 clock = time.perf_counter
-
-
-class SseParser:
-    """Incremental SSE parser: ``feed(bytes) -> [data, ...]``, ``close() -> [data, ...]``.
-
-    Buffers bytes and decodes only complete events; a newline byte never occurs inside a UTF-8
-    multi-byte sequence, so splitting on it first makes split characters a non-issue.
-    Undecodable bytes are replaced (U+FFFD) so the JSON step reports them, not this one.
-    """
-
-    __slots__ = ("_buf",)
-
-    def __init__(self) -> None:
-        self._buf = b""
-
-    def feed(self, data: bytes) -> list[str]:
-        if (  # fast path: exactly one one-line event, as vLLM sends each token
-            not self._buf
-            and data[:6] == b"data: "
-            and data.find(b"\n") == len(data) - 2
-            and data[-1:] == b"\n"
-            and b"\r" not in data
-        ):
-            return [data[6:-2].decode("utf-8", "replace")]
-        buf = self._buf + data if self._buf else data
-        if b"\r" in buf:
-            # Normalise CRLF / CR line ends; a trailing CR may be half of a CRLF: keep it back.
-            hold = buf.endswith(b"\r")
-            if hold:
-                buf = buf[:-1]
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if hold:
-                buf += b"\r"
-        if b"\n\n" not in buf:
-            self._buf = buf
-            return []
-        *events, self._buf = buf.split(b"\n\n")
-        out = []
-        for raw in events:
-            payload = _data_of(raw)
-            if payload is not None:
-                out.append(payload)
-        return out
-
-    def close(self) -> list[str]:
-        """Flush an event the server did not terminate with a blank line (the stream ended)."""
-        raw, self._buf = self._buf.rstrip(b"\r\n"), b""
-        payload = _data_of(raw) if raw else None
-        return [] if payload is None else [payload]
-
-
-def _data_of(raw: bytes) -> str | None:
-    """The ``data`` of one event (lines joined by ``\\n``), or None for comment-only events."""
-    if raw.startswith(b"data: ") and b"\n" not in raw:  # the common case, one line
-        return raw[6:].decode("utf-8", "replace")
-    lines = []
-    for line in raw.split(b"\n"):
-        if line.startswith(b"data:"):
-            value = line[5:]
-            lines.append(value[1:] if value.startswith(b" ") else value)
-        # ':' comments (keep-alives), event:, id:, retry: and blank lines carry no data.
-    if not lines:
-        return None
-    return b"\n".join(lines).decode("utf-8", "replace")
-
-
-Kind = Literal["token", "usage", "done", "error", "malformed", "other"]
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One classified payload. ``tokens`` is set for usage chunks (completion_tokens),
-    ``prompt_tokens`` where the server reports it, ``message`` for errors and malformed data."""
-
-    kind: Kind
-    completion_tokens: int | None = None
-    prompt_tokens: int | None = None
-    message: str | None = None
-
-
-DONE = Event("done")
-TOKEN = Event("token")
-OTHER = Event("other")
-
-
-def classify(payload: str) -> Event:
-    """Classify one ``data`` payload of a /v1/completions or /v1/chat/completions stream.
-
-    A chunk with choices is a token chunk, except a chat chunk that only announces the role
-    (no content yet). A chunk that also carries usage (``continuous_usage_stats``) is a token
-    chunk; the final usage chunk has no choices.
-    """
-    # Fast path for the bulk of a stream, a compact token chunk ('{"id":..,"choices":[{..}]..}'),
-    # recognised without a full JSON parse: one object (braces at both ends), a non-empty choices
-    # list, no role-only delta, no error. Quotes inside JSON strings are escaped, so these
-    # substrings cannot come from generated text. Anything else takes the strict path below.
-    if (
-        payload[-1:] == "}"
-        and payload[:1] == "{"
-        and '"choices":[{' in payload
-        and '"role"' not in payload
-        and '"error"' not in payload
-    ):
-        return TOKEN
-    if payload == "[DONE]":
-        return DONE
-    try:
-        obj = json.loads(payload)
-    except ValueError:
-        return Event("malformed", message=f"malformed stream chunk: {payload[:80]!r}")
-    if not isinstance(obj, dict):
-        return Event("malformed", message=f"malformed stream chunk: {payload[:80]!r}")
-    choices = obj.get("choices")
-    if choices:
-        delta = choices[0].get("delta") if isinstance(choices[0], dict) else None
-        if isinstance(delta, dict) and "role" in delta and not delta.get("content"):
-            return OTHER
-        return TOKEN
-    if obj.get("error"):
-        err = obj["error"]
-        msg = err.get("message", err) if isinstance(err, dict) else err
-        return Event("error", message=f"error in stream: {str(msg)[:200]}")
-    usage = obj.get("usage")
-    if isinstance(usage, dict):
-        ct, pt = usage.get("completion_tokens"), usage.get("prompt_tokens")
-        return Event(
-            "usage",
-            completion_tokens=ct if isinstance(ct, int) else None,
-            prompt_tokens=pt if isinstance(pt, int) else None,
-        )
-    if "object" in obj and obj.get("object") == "error":
-        return Event("error", message=f"error in stream: {str(obj.get('message'))[:200]}")
-    return OTHER
 
 
 # --- the record of one request ----------------------------------------------------------------
@@ -271,6 +135,7 @@ class Flight:
         "prompt_len",
         "request",
         "start",
+        "usage",
     )
 
     def __init__(self, index: int, request: Request, due: float | None) -> None:
@@ -284,12 +149,18 @@ class Flight:
         self.error: str | None = None
         self.parser = SseParser()
         self.done = False
+        self.usage = False
         self.last: float | None = None
 
     def feed(self, data: bytes, now: float) -> bool:
         """Body bytes that arrived at ``now``; False (error set) on an error or malformed chunk."""
         self.last = now
-        for payload in self.parser.feed(data):
+        try:
+            payloads = self.parser.feed(data)
+        except StreamError as exc:
+            self.error, self.end = str(exc), now
+            return False
+        for payload in payloads:
             ev = classify(payload)
             kind = ev.kind
             if kind == "token":
@@ -297,6 +168,7 @@ class Flight:
                     self.first = now
                 self.chunks.append(now)
             elif kind == "usage":
+                self.usage = True
                 self.out = ev.completion_tokens
                 if ev.prompt_tokens is not None:
                     self.prompt_len = ev.prompt_tokens
@@ -309,7 +181,8 @@ class Flight:
 
     def finish(self, now: float) -> None:
         """The body ended (its last bytes came at ``self.last``, else ``now``): flush the parser
-        and judge completeness."""
+        and judge completeness: ``[DONE]`` came, after a token (when one was asked for) and the
+        usage chunk (the payload asks for it: the server's token counts)."""
         if self.error is not None:
             return
         for payload in self.parser.close():
@@ -320,6 +193,8 @@ class Flight:
             self.error = "stream ended before [DONE]"
         elif self.first is None and self.request.output_len > 0:
             self.error = "stream finished without a token"
+        elif not self.usage:
+            self.error = "[DONE] before the usage chunk (no token counts from the server)"
 
     def record(self, error: str | None = None) -> RequestRecord:
         return RequestRecord(
@@ -358,8 +233,7 @@ async def send_request(
         async with asyncio.timeout(timeout_s):
             status, text = await transport.post_stream(body, f)
         if status != 200:
-            msg = " ".join(text.decode("utf-8", "replace").split())[:200]
-            f.error, f.end = f"HTTP {status}: {msg}", clock()
+            f.error, f.end = http_error(status, text), clock()
         else:
             f.finish(clock())
     except TimeoutError:
@@ -368,11 +242,47 @@ async def send_request(
         f.error = str(exc)
     except (aiohttp.ClientError, OSError, ValueError, RuntimeError) as exc:
         f.error = _describe(exc)
+    except Exception as exc:  # a bug must cost this request, not the run
+        f.error = f"client error: {_describe(exc)}"
     return f.record()
 
 
+_MESSAGE = re.compile(r'"(?:message|detail)"\s*:\s*"((?:[^"\\]|\\.)*)')  # may be cut short
+
+
+def http_error(status: int, body: bytes) -> str:
+    """One line for a non-200 answer: the status and its standard phrase, then the server's
+    message (a JSON error body's ``error.message``, ``message`` or ``detail``, else the body
+    text), truncated: ``HTTP 401 Unauthorized: invalid key``."""
+    try:
+        head = f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        head = f"HTTP {status}"
+    text = body.decode("utf-8", "replace")
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, or cut short at the first KiB
+        obj = None
+        if cut := _MESSAGE.search(text):
+            text = cut.group(1).replace('\\"', '"')
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        found = [err.get("message") if isinstance(err, dict) else err]
+        found += [obj.get("message"), obj.get("detail")]
+        text = next((m for m in found if isinstance(m, str) and m.strip()), text)
+    msg = " ".join(text.split())
+    return f"{head}: {msg[:200]}" if msg else head
+
+
 def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The request headers; ParameterError (one line, the key not shown) when the API key is
+    not printable ASCII, the only text a bearer token is made of and a header carries as is."""
     headers = {"Content-Type": "application/json"}
     if api_key:
+        if not (api_key.isascii() and api_key.isprintable()):
+            raise ParameterError(
+                "the API key (--api-key or OPENAI_API_KEY) has characters an HTTP header "
+                "cannot carry: non-ASCII or control characters"
+            )
         headers["Authorization"] = f"Bearer {api_key}"
     return headers

@@ -11,7 +11,10 @@ to a :class:`Sink` with the ``perf_counter`` time it arrived:
 * :class:`AiohttpTransport` — aiohttp for everything else (``https://``, proxies).
 
 Both raise :class:`TransportError` (or ``OSError`` / ``aiohttp.ClientError``) when the
-connection fails; the caller turns that into a failed record.
+connection fails; the caller turns that into a failed record. The lean client names what was
+wrong with a malformed reply (a bad status line or ``Content-Length``, headers over 64 KiB,
+broken chunk framing, an unasked-for 101, the connection closed mid-body) and skips interim
+1xx responses (``100 Continue``, ``103 Early Hints``) to read the final one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+
+from tuner.errors import ParameterError
 
 clock = time.perf_counter
 _MAX_HEAD = 64 * 1024
@@ -48,6 +53,21 @@ class Transport(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # latin-1 text, no control characters
+
+
+def check_header(name: str, value: str) -> str:
+    """``value`` when ``name: value`` can go on an HTTP/1.1 header line as is; otherwise
+    ParameterError naming the header, never showing the value (it may be a secret)."""
+    if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
+        raise ParameterError(
+            f"the HTTP header {name[:40]!r} has characters HTTP cannot carry "
+            "(control characters or non-latin-1 text)"
+        )
+    return value
 
 
 def make_transport(url: str, headers: Mapping[str, str], limit: int | None = None) -> Transport:
@@ -105,6 +125,7 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = True
         self.trailer = False
         self.got_bytes = False
+        self.interim = 0  # the status of the last 1xx (interim) response, 0 if none
 
     # asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -117,6 +138,8 @@ class _Conn(asyncio.Protocol):
                 self._finish()  # a body delimited by the connection closing: complete
             else:
                 why = f": {exc}" if exc else ""
+                if self.interim and not self.in_body:
+                    why = f" (after an interim HTTP {self.interim}){why}"
                 self.done.set_exception(
                     TransportError(f"connection closed before the response ended{why}")
                 )
@@ -126,46 +149,78 @@ class _Conn(asyncio.Protocol):
         if self.done is None or self.done.done():
             return  # nothing expected (a late byte after an abandoned response)
         self.got_bytes = True
-        if not self.in_body:
-            self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.head) > _MAX_HEAD:
-                    self._fail("response header too large")
+        try:
+            if not self.in_body:
+                body = self._head_received(data)
+                if body is None:
+                    return
+                if self.remaining == 0:
+                    self._finish()
+                    return
+                if not body:
+                    return
+                data = body
+            if self.trailer:
+                self._trailer(data)
                 return
-            try:
-                self._parse_head(self.head[:end])
-            except (ValueError, IndexError):
-                self._fail(f"malformed HTTP response head: {self.head[:60]!r}")
-                return
-            data, self.head, self.in_body = self.head[end + 4 :], b"", True
-            if self.remaining == 0:
+            if self.chunked:
+                data = self._dechunk(data)
+                if data is None:
+                    return
+            elif self.remaining >= 0:
+                data = data[: self.remaining]
+                self.remaining -= len(data)
+            if data:
+                self._deliver(data, now)
+            if self.remaining == 0 and self.done is not None and not self.done.done():
                 self._finish()
-                return
-            if not data:
-                return
-        if self.trailer:
-            self._trailer(data)
-            return
-        if self.chunked:
-            data = self._dechunk(data)
-            if data is None:
-                return
-        elif self.remaining >= 0:
-            data = data[: self.remaining]
-            self.remaining -= len(data)
-        if data:
-            self._deliver(data, now)
-        if self.remaining == 0 and self.done is not None and not self.done.done():
-            self._finish()
+        except Exception as exc:  # a bug here must fail this response, not hang it
+            self._fail(f"cannot handle the response: {type(exc).__name__}: {exc}"[:300])
 
     # parsing --------------------------------------------------------------------------------
+    def _head_received(self, data: bytes) -> bytes | None:
+        """Collect the response head; once the final (non-1xx) head is whole, parse it and
+        return the body bytes that came after it; None while it is incomplete or failed.
+
+        Interim responses (100 Continue, 103 Early Hints) are skipped: the final one follows on
+        the same connection. 101 Switching Protocols was not asked for, so it fails. The head
+        is limited to ``_MAX_HEAD`` bytes, whether it arrives in one read or many.
+        """
+        scan = max(0, len(self.head) - 3)  # the blank line may straddle two reads
+        self.head += data
+        while True:
+            end = self.head.find(b"\r\n\r\n", scan)
+            if end > _MAX_HEAD or (end < 0 and len(self.head) > _MAX_HEAD):
+                self._fail(f"response headers too large (over {_MAX_HEAD // 1024} KiB)")
+                return None
+            if end < 0:
+                return None
+            head, rest = self.head[:end], self.head[end + 4 :]
+            try:
+                self._parse_head(head)
+            except TransportError as exc:
+                self._fail(str(exc))
+                return None
+            if self.status >= 200:
+                self.head, self.in_body = b"", True
+                return rest
+            if self.status == 101:
+                self._fail("unexpected HTTP 101 Switching Protocols (no upgrade was asked for)")
+                return None
+            self.interim, self.head, scan = self.status, rest, 0
+
     def _parse_head(self, head: bytes) -> None:
+        """Status and framing of one response head; TransportError (named) when malformed."""
         lines = head.split(b"\r\n")
         parts = lines[0].split(None, 2)
-        if not parts[0].startswith(b"HTTP/1."):
-            raise ValueError("not HTTP/1.x")
+        if (
+            len(parts) < 2
+            or not parts[0].startswith(b"HTTP/1.")
+            or not (len(parts[1]) == 3 and parts[1].isdigit() and parts[1] >= b"100")
+        ):
+            raise TransportError(f"malformed HTTP response head: {head[:60]!r}")
         self.status = int(parts[1])
+        self.chunked, self.remaining = False, -1
         self.keep_alive = parts[0] != b"HTTP/1.0"
         for line in lines[1:]:
             name, _, value = line.partition(b":")
@@ -173,10 +228,17 @@ class _Conn(asyncio.Protocol):
             if name == b"transfer-encoding" and b"chunked" in value:
                 self.chunked = True
             elif name == b"content-length":
-                self.remaining = int(value)
+                if not value.isdigit():  # negative, empty, not a number
+                    raise TransportError(f"invalid Content-Length {value[:20]!r}")
+                length = int(value)
+                if self.remaining not in (-1, length):
+                    raise TransportError("conflicting Content-Length headers")
+                self.remaining = length
             elif name == b"connection":
                 self.keep_alive = value == b"keep-alive" or (self.keep_alive and value != b"close")
-        if self.chunked:
+        if self.status < 200 or self.status in (204, 304):
+            self.chunked, self.remaining = False, 0  # these never have a body
+        elif self.chunked:
             self.remaining = -1
         elif self.remaining == -1:
             self.keep_alive = False  # body ends when the server closes
@@ -271,7 +333,11 @@ class Http11Pool:
         fixed = {"Host": host_header, "Accept": "text/event-stream", **headers}
         self._head = (
             f"POST {path} HTTP/1.1\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in fixed.items() if k.lower() != "content-length")
+            + "".join(
+                f"{k}: {check_header(k, v)}\r\n"
+                for k, v in fixed.items()
+                if k.lower() != "content-length"
+            )
         ).encode("latin-1")
         self._idle: list[_Conn] = []
 

@@ -82,12 +82,13 @@ class LengthRange:
         return str(self.low) if self.low == self.high else f"{self.low}:{self.high}"
 
 
-def load_tokenizer(model_dir: str | Path) -> Any:
-    """The model's tokenizer from local files only (``local_files_only=True``: never downloads)."""
+def load_tokenizer(model_dir: str | Path, *, local_files_only: bool = True) -> Any:
+    """The model's tokenizer, from local files only unless ``local_files_only`` is False (a hub
+    id whose weights a quantization tool downloads anyway); ModelError in one line."""
     from transformers import AutoTokenizer  # heavy import, only when a request set is built
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load the tokenizer of {model_dir}: {first}") from None
@@ -219,15 +220,30 @@ def _conversation_pair(entry: Any) -> tuple[str, str] | None:
 def read_sharegpt(path: str | Path) -> list[tuple[str, str]]:
     """All (prompt, completion) pairs of a ShareGPT-format JSON file, in file order.
 
-    Raises :class:`DatasetError` (one line) for a missing file, bad JSON, or no usable entry.
+    Raises :class:`DatasetError` (one line) for a missing or unreadable file, a directory, text
+    that is not UTF-8 or not JSON, JSON that is not a list, or no usable entry.
     """
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise DatasetError(f"dataset {p} is a directory, not a ShareGPT JSON file")
+    if not p.exists():
         raise DatasetError(f"dataset file not found: {p}")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"dataset {p} is not valid JSON: {exc}") from None
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"cannot read dataset {p}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is harmless
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"dataset {p} is not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(
+            f"dataset {p} is not valid JSON ({exc.msg}, line {exc.lineno})"
+        ) from None
+    except (ValueError, RecursionError):  # a number too long, nesting too deep
+        raise DatasetError(f"dataset {p} is not valid JSON (too deep or too long)") from None
     if not isinstance(data, list):
         raise DatasetError(f"dataset {p}: expected a JSON list of conversations")
     pairs = [pair for pair in map(_conversation_pair, data) if pair is not None]

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.engine.server import EngineSettings, LaunchConfig
+from tuner.engine.server import EngineSettings, LaunchConfig, ServerStartError
 from tuner.errors import ParameterError
 from tuner.files import atomic_write_json
 from tuner.load.generator import (
@@ -41,6 +40,7 @@ from tuner.load.workload import (
 )
 from tuner.measure.metrics import BenchSummary, summarize
 from tuner.measure.scrape import Scraper, ServerStats
+from tuner.measure.session import ServerDied, launched, run_async, run_watched
 from tuner.measure.slo import Slo
 
 # --- one measurement on a running server --------------------------------------------------------
@@ -271,7 +271,7 @@ def run_bench(
     if info is not None:
         name = cfg.served_model_name or info.model or cfg.model
         say(f"measuring {info.url} (model {name})")
-        m = _run_async(
+        m = run_async(
             measure(
                 info.url,
                 name,
@@ -293,72 +293,50 @@ def _bench_launched(
     say: Callable[[str], None],
     observer: Observer | None = None,
 ) -> BenchResult:
-    from tuner.engine.server import ServerStartError, VllmServer
-
     assert cfg.engine is not None
-    settings = cfg.engine
-    server = VllmServer(settings, cfg.launch or LaunchConfig())
-    say(f"starting vLLM ({settings.name}); log: {server.log_path}")
     try:
-        server.start()
+        with launched(cfg.engine, cfg.launch, say=say) as server:
+            assert server.info is not None
+            info = server.info.to_json()
+            name = cfg.served_model_name or server.info.model or cfg.engine.model
+            say(f"vLLM is up at {server.url} after {server.info.startup_s} s; measuring")
+            m = run_watched(
+                server,
+                lambda stop: measure(
+                    server.url,
+                    name,
+                    requests,
+                    cfg.load,
+                    cfg.scrape,
+                    slo=cfg.slo,
+                    stop=stop,
+                    scrape_interval=cfg.scrape_interval,
+                    observer=observer,
+                ),
+            )
     except ServerStartError as exc:
-        return BenchResult(
-            config=cfg.describe(),
-            status="failed",
-            failure=exc.failure.failure_class.value,
-            message=exc.failure.message,
-            partial=False,
-            server_info={"log_path": str(server.log_path)},
-        )
-    try:
-        assert server.info is not None
-        name = cfg.served_model_name or server.info.model or settings.model
-        say(f"vLLM is up at {server.url} after {server.info.startup_s} s; measuring")
-        m = _run_async(_measure_watched(cfg, server, name, requests, observer))
-        failure = server.poll_failure()
-        info = server.info.to_json()
-        if failure is not None:
-            return _finish(cfg, m, info, failure.failure_class.value, failure.message, True)
-        return _finish(cfg, m, info)
-    finally:
-        say("stopping vLLM")
-        survivors = server.stop()
-        if survivors:
-            say(f"warning: vLLM processes survived the stop: {survivors}")
+        log = {"log_path": str(exc.failure.log_path)}
+        return _failed(cfg, exc.failure.failure_class.value, exc.failure.message, False, log)
+    except ServerDied as died:
+        cls = "server_died" if died.failure is None else died.failure.failure_class.value
+        message = "vLLM died while serving" if died.failure is None else died.failure.message
+        if died.partial is None:  # the load did not return in time and was cancelled
+            return _failed(cfg, cls, message, True, info)
+        return _finish(cfg, died.partial, info, cls, message, True)
+    return _finish(cfg, m, info)
 
 
-async def _measure_watched(
-    cfg: BenchConfig,
-    server: Any,
-    name: str,
-    requests: list[Request],
-    observer: Observer | None = None,
-) -> Measurement:
-    """measure(), with a watchdog that stops the load as soon as the server process dies."""
-    stop = asyncio.Event()
-
-    async def watch() -> None:
-        while server.alive():
-            await asyncio.sleep(0.25)
-        stop.set()
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return await measure(
-            server.url,
-            name,
-            requests,
-            cfg.load,
-            cfg.scrape,
-            slo=cfg.slo,
-            stop=stop,
-            scrape_interval=cfg.scrape_interval,
-            observer=observer,
-        )
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+def _failed(
+    cfg: BenchConfig, failure: str, message: str, partial: bool, info: dict[str, Any]
+) -> BenchResult:
+    return BenchResult(
+        config=cfg.describe(),
+        status="failed",
+        failure=failure,
+        message=message,
+        partial=partial,
+        server_info=info,
+    )
 
 
 def device_for(gpu: str | None) -> str | None:
@@ -381,15 +359,6 @@ def vllm_is_cpu_build() -> bool:
     except metadata.PackageNotFoundError:
         return False
     return True
-
-
-def _run_async(coro: Any) -> Any:
-    """Run on uvloop when it is installed (less client overhead per streamed chunk)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 __all__ = [

@@ -112,19 +112,14 @@ async def find_max_rate(
     measure: Measure,
     slo: SloLike | None,
     cfg: RateSearchConfig,
-    probe_rps_hint: float | None = None,
 ) -> RateSearchResult:
     """Capacity probe, then (with an SLO that saturation breaks) bisection over Poisson rates.
 
-    ``probe_rps_hint`` sizes the probe's request count (e.g. from the estimator); without it the
-    probe sends ``min_requests`` x concurrency requests.
+    The probe's request count (at least ``min_requests``, and two per concurrent stream) only
+    sizes the request set it cycles through for ``seconds_per_point``.
     """
     points: list[RatePoint] = []
-    probe_n = (
-        cfg.requests_for(probe_rps_hint)
-        if probe_rps_hint
-        else max(cfg.min_requests, 2 * cfg.concurrency)
-    )
+    probe_n = max(cfg.min_requests, 2 * cfg.concurrency)
     # The probe lasts seconds_per_point whatever the throughput turns out to be.
     probe = await measure(LoadPoint(math.inf, cfg.concurrency, probe_n, cfg.seconds_per_point))
     points.append(probe)

@@ -9,9 +9,8 @@ names one (a p99 target is drawn against p99), else p95.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -36,18 +35,20 @@ from tuner.outputs.figure import (
 )
 from tuner.outputs.plots_detail import plot_estimate_error, plot_kv_usage, plot_pruning
 from tuner.outputs.views import TrialView
-from tuner.search.record import pareto_front
+from tuner.search.objective import OBJECTIVES, is_better
+from tuner.search.record import SearchRecord
+from tuner.search.stats import pareto_front
 
 
 def plot_throughput_latency(
-    record: Mapping[str, Any], views: Sequence[TrialView], path: Path
+    record: SearchRecord, views: Sequence[TrialView], path: Path
 ) -> Path | None:
     """Output throughput against TPOT and TTFT: each trial's load points as a line, its chosen
     point as a big marker (star: best, square: baseline), the SLO as a dashed line."""
     measured = [v for v in views if v.points]
     if not measured:
         return None
-    axes_spec = slo_axes(record.get("slo"))
+    axes_spec = slo_axes(record.slo)
     shown = highlighted(measured, MAX_LINES)
     others = [v for v in measured if v not in shown]
     colors = trial_colors(shown)
@@ -143,17 +144,15 @@ def plot_throughput_latency(
     return save(fig, path)
 
 
-def plot_pareto(record: Mapping[str, Any], views: Sequence[TrialView], path: Path) -> Path | None:
+def plot_pareto(record: SearchRecord, views: Sequence[TrialView], path: Path) -> Path | None:
     """Chosen points in the (TPOT, throughput) plane; the Pareto front joined and named."""
-    stat, limit = slo_axes(record.get("slo"))["tpot"]
+    stat, limit = slo_axes(record.slo)["tpot"]
     key = f"{stat}_tpot"
     pts = [(v, v.latency_ms.get(key), v.output_throughput) for v in views]
     pts = [(v, x, y) for v, x, y in pts if x is not None and y is not None]
     if not pts:
         return None
-    names = record.get("pareto_front")
-    if not isinstance(names, list) or not names:
-        names = pareto_front([(v.name, y, x) for v, x, y in pts])
+    names = list(record.pareto_front) or pareto_front([(v.name, y, x) for v, x, y in pts])
     on_front = set(names)
     fig, ax = plt.subplots(figsize=(9, 6))
     front = sorted(((x, y, v) for v, x, y in pts if v.name in on_front), key=lambda t: t[0])
@@ -211,9 +210,7 @@ def plot_pareto(record: Mapping[str, Any], views: Sequence[TrialView], path: Pat
     return save(fig, path)
 
 
-def plot_objective(
-    record: Mapping[str, Any], views: Sequence[TrialView], path: Path
-) -> Path | None:
+def plot_objective(record: SearchRecord, views: Sequence[TrialView], path: Path) -> Path | None:
     """The objective of each trial in order, failed and pruned trials marked, best so far."""
     if not views:
         return None
@@ -251,15 +248,16 @@ def plot_objective(
                 color="#d62728" if failed else OTHER,
                 fontweight="bold" if failed else None,
             )
-    running, best_so_far = None, []
+    objective = record.objective if record.objective in OBJECTIVES else "throughput"
+    running: float | None = None
+    best_so_far = []
     for val, v in zip(vals, views, strict=True):
-        if v.state == "complete":
-            running = val if running is None else max(running, val)
+        if v.state == "complete" and is_better(objective, val, running):
+            running = val  # the objective's own direction: the lowest latency, else highest
         best_so_far.append(running if running is not None else math.nan)
     ax.step(xs, best_so_far, where="mid", color="black", lw=1, ls="--", label="best so far")
     ax.set_xticks(xs, [v.tag for v in views], rotation=90 if len(views) > 30 else 0)
     ax.set_xlabel("trial")
-    objective = str(record.get("objective") or "objective")
     ax.set_ylabel(OBJECTIVE_UNITS.get(objective, objective))
     ax.set_title(
         "Objective per trial (green: best, blue: baseline, red: failed, light grey: pruned)",
@@ -290,9 +288,7 @@ PLOTS = (
 )
 
 
-def render_all(
-    record: Mapping[str, Any], views: Sequence[TrialView], out_dir: Path
-) -> dict[str, Path]:
+def render_all(record: SearchRecord, views: Sequence[TrialView], out_dir: Path) -> dict[str, Path]:
     """Draw every plot that has data; title -> PNG path, in the report's order."""
     out = {}
     for title, filename, fn in PLOTS:

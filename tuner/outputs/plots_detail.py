@@ -6,7 +6,7 @@ estimator's error, and vLLM's KV-cache usage over each trial (shared helpers in
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +25,32 @@ from tuner.outputs.figure import (
     trial_marker,
 )
 from tuner.outputs.views import TrialView
+from tuner.search.record import SearchRecord
+from tuner.search.record_parts import PrunedEntry
 
 
-def plot_pruning(record: Mapping[str, Any], views: Sequence[TrialView], path: Path) -> Path | None:
+def plot_pruning(record: SearchRecord, views: Sequence[TrialView], path: Path) -> Path | None:
     """Where the candidates went: pruned by each rule, capped, measured (complete / failed),
     and left unsampled by the budget; beside it the space's two main knobs."""
-    plan = record.get("plan") or {}
-    counts = dict(plan.get("counts_by_rule") or {})
-    pruned = plan.get("pruned") or []
+    plan = record.plan
+    counts = dict(plan.counts_by_rule)
+    pruned = plan.pruned
     if not counts and pruned:
         for p in pruned:
-            counts[p.get("rule", "?")] = counts.get(p.get("rule", "?"), 0) + 1
-    cands = plan.get("candidates")
-    n_cands = len(cands) if isinstance(cands, list) else cands
+            counts[p.rule] = counts.get(p.rule, 0) + 1
+    n_cands = plan.kept
     launched = [v for v in views if v.state in ("complete", "failed")]
     bars: list[tuple[str, float, str]] = [
         (f"pruned: {rule}", n, "#ff7f0e") for rule, n in sorted(counts.items(), key=lambda t: -t[1])
     ]
-    if plan.get("capped"):
-        bars.append(("capped (kept, max_num_seqs lowered)", len(plan["capped"]), "#bcbd22"))
+    if plan.capped:
+        bars.append(("capped (kept, max_num_seqs lowered)", len(plan.capped), "#bcbd22"))
     sampled_pruned = sum(v.state == "pruned" for v in views)
     if sampled_pruned:
         bars.append(("sampled, then pruned", sampled_pruned, "#ffbb78"))
     bars.append(("measured: complete", sum(v.state == "complete" for v in views), BEST))
     bars.append(("measured: failed", sum(v.state == "failed" for v in views), "#d62728"))
-    if isinstance(n_cands, int):
+    if n_cands is not None:
         bars.append(("kept, not measured (budget)", max(0, n_cands - len(launched)), DIM))
     if not any(n for _, n, _ in bars):
         return None
@@ -64,7 +65,7 @@ def plot_pruning(record: Mapping[str, Any], views: Sequence[TrialView], path: Pa
     for i, val in enumerate(values):
         ax.text(val, i, f" {val:g}", va="center", fontsize=9)
     ax.set_xlabel("candidates (log scale past 10)")
-    total = plan.get("space_size")
+    total = plan.space_size
     ax.set_title("Candidates: pruned vs measured" + (f" (space: {total})" if total else ""))
     if knob_pts:
         _draw_knob_scatter(axes[0][1], *knob_pts)
@@ -72,10 +73,10 @@ def plot_pruning(record: Mapping[str, Any], views: Sequence[TrialView], path: Pa
     return save(fig, path)
 
 
-def _knob_scatter_data(pruned: Sequence[Mapping[str, Any]], views: Sequence[TrialView]) -> Any:
+def _knob_scatter_data(pruned: Sequence[PrunedEntry], views: Sequence[TrialView]) -> Any:
     """(x knob, y knob, [(x, y, kind, label)]) over the two numeric knobs seen most, or None."""
     seen: dict[str, int] = {}
-    for knobs in [p.get("knobs") or {} for p in pruned] + [v.knobs for v in views]:
+    for knobs in [p.knobs for p in pruned] + [v.knobs for v in views]:
         for k, val in knobs.items():
             if isinstance(val, int | float) and not isinstance(val, bool):
                 seen[k] = seen.get(k, 0) + 1
@@ -84,9 +85,9 @@ def _knob_scatter_data(pruned: Sequence[Mapping[str, Any]], views: Sequence[Tria
     kx, ky = sorted(seen, key=lambda k: (-seen[k], k))[:2]
     pts = []
     for p in pruned:
-        kn = p.get("knobs") or {}
+        kn = p.knobs
         if kx in kn and ky in kn:
-            pts.append((kn[kx], kn[ky], "plan", p.get("rule", "?")))
+            pts.append((kn[kx], kn[ky], "plan", p.rule))
     for v in views:
         if kx in v.knobs and ky in v.knobs:
             pts.append((v.knobs[kx], v.knobs[ky], v.state, v.tag))
@@ -131,7 +132,7 @@ def _draw_knob_scatter(ax: Any, kx: str, ky: str, pts: list[tuple[Any, Any, str,
 
 
 def plot_estimate_error(
-    record: Mapping[str, Any], views: Sequence[TrialView], path: Path
+    record: SearchRecord, views: Sequence[TrialView], path: Path
 ) -> Path | None:
     """The estimator's predicted decode throughput against the highest measured one."""
     pts = [
@@ -197,7 +198,7 @@ def plot_estimate_error(
 
 
 def plot_kv_usage(
-    record: Mapping[str, Any], views: Sequence[TrialView], path: Path, max_panels: int = 12
+    record: SearchRecord, views: Sequence[TrialView], path: Path, max_panels: int = 12
 ) -> Path | None:
     """vLLM's KV-cache usage over each trial (one panel per trial, its load points in turn,
     shaded and labelled with their rate), with requests running and waiting beneath."""

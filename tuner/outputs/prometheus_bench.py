@@ -1,7 +1,7 @@
 """Live Prometheus metrics of ``vtune bench``: request counts, requests in flight, token counts
 and latency histograms (seconds, Prometheus's own bucket format) fed by :meth:`observe` with
 each finished :class:`~tuner.load.generator.RequestRecord`. Served and pushed by
-``tuner.outputs.prometheus``.
+``tuner.outputs.prometheus_serve``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tuner.outputs.prometheus import Pushgateway, RegistryExporter, _set
+from tuner.outputs.prometheus_serve import Pushgateway, RegistryExporter, set_gauge
 
 # Bucket bounds in seconds, close to vLLM's own so the two can be read side by side.
 # fmt: off
@@ -126,6 +126,6 @@ class BenchExporter(RegistryExporter):
     def finish(self, summary: Mapping[str, Any] | None = None) -> None:
         """Set the run's throughputs (a ``BenchSummary.to_json()`` dict) and push."""
         if summary is not None:
-            _set(self.output_tps, summary.get("output_throughput"))
-            _set(self.request_tps, summary.get("request_throughput"))
+            set_gauge(self.output_tps, summary.get("output_throughput"))
+            set_gauge(self.request_tps, summary.get("request_throughput"))
         self._push()

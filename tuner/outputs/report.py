@@ -1,10 +1,11 @@
 """``vtune report``: an HTML page and PNG plots of a finished search, from its JSON record.
 
-:func:`trial_views` flattens the record's trials into :class:`TrialView` rows (pure; the plots
-and the table read those); :func:`write_report` draws the plots (:mod:`tuner.outputs.plots`) and
-writes one self-contained HTML page beside them with relative image links. Every optional
-field of the record may be missing or None: failed and pruned trials, no SLO, closed-loop
-points without a rate, a record from an older search.
+:func:`~tuner.search.record.load_record` reads the record (schema /1 or /2) into a typed
+:class:`~tuner.search.record.SearchRecord`; :func:`trial_views` flattens its trials into
+:class:`TrialView` rows (pure; the plots and the table read those); :func:`write_report` draws
+the plots (:mod:`tuner.outputs.plots`) and writes one self-contained HTML page beside them with
+relative image links. Every optional field of the record may be missing or None: failed and
+pruned trials, no SLO, closed-loop points without a rate, a record from an older search.
 """
 
 from __future__ import annotations
@@ -18,24 +19,26 @@ from typing import Any
 
 from tuner.errors import ParameterError
 from tuner.files import atomic_write_text
-from tuner.outputs.views import TrialView, load_record, num, trial_views
+from tuner.outputs.views import TrialView, trial_views
 from tuner.search.profile import render_profile
+from tuner.search.record import SearchRecord, finite, load_record
+from tuner.search.record_parts import PlanInfo
 
 
-def profile_text(record: Mapping[str, Any], record_path: Path | None) -> str | None:
+def profile_text(record: SearchRecord, record_path: Path | None) -> str | None:
     """The chosen profile's YAML: the file beside the record if it is there, else rendered
     from the record's ``profile.config``; None when the search wrote no profile."""
     candidates = []
     if record_path is not None:
         candidates.append(Path(record_path).with_suffix(".yaml"))
-    prof = record.get("profile") or {}
-    if prof.get("path"):
-        candidates.append(Path(prof["path"]))
+    prof = record.profile
+    if prof is not None and prof.path:
+        candidates.append(Path(prof.path))
     for path in candidates:
         if path.is_file():
             return path.read_text()
-    if prof.get("config"):
-        return render_profile(prof["config"], ["rendered from the search record"])
+    if prof is not None and prof.config:
+        return render_profile(prof.config, ["rendered from the search record"])
     return None
 
 
@@ -103,17 +106,15 @@ def _knobs_text(knobs: Mapping[str, Any]) -> str:
 
 
 def render_html(
-    record: Mapping[str, Any],
+    record: SearchRecord,
     views: Sequence[TrialView],
     images: Mapping[str, str],
     profile: str | None,
 ) -> str:
     """The report page (pure): ``images`` maps a plot title to its relative file name."""
-    model = (record.get("model") or {}).get("name", "?")
-    gpu = (record.get("gpu") or {}).get("name", "?")
-    study = record.get("study") or {}
-    plan = record.get("plan") or {}
-    gain = record.get("gain") or {}
+    model = record.model.name or "?"
+    gpu = record.gpu.name or "?"
+    study = record.study
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>vtune report: "
         f"{html.escape(str(model))} on {html.escape(str(gpu))}</title>"
@@ -121,33 +122,36 @@ def render_html(
         f"<h1>vtune search: {html.escape(str(model))} on {html.escape(str(gpu))}</h1>",
     ]
     facts = [
-        ("Objective", record.get("objective")),
-        ("SLO", record.get("slo") or "none"),
-        ("vLLM", record.get("vllm_version")),
-        ("vtune", record.get("vtune_version")),
-        ("Workload", _knobs_text(record.get("workload") or {})),
+        ("Objective", record.objective),
+        ("SLO", record.slo or "none"),
+        ("vLLM", record.vllm_version),
+        ("vtune", record.vtune_version),
+        ("Workload", _knobs_text(record.workload)),
         (
             "Study",
-            f"{study.get('name', '?')} ({study.get('sampler', '?')}, budget "
-            f"{study.get('budget', '?')}, storage {study.get('storage', '?')})",
+            f"{study.name or '?'} ({study.sampler or '?'}, budget "
+            f"{'none' if study.budget is None else study.budget}, storage {study.storage or '?'})",
         ),
         (
             "Elapsed",
-            f"{_fmt(num(study.get('elapsed_s')), 0)} s, engine "
-            f"{_fmt(num(study.get('engine_time_s')), 0)} s",
+            f"{_fmt(finite(study.elapsed_s), 0)} s, engine "
+            f"{_fmt(finite(study.engine_time_s), 0)} s",
         ),
-        ("Created", record.get("created_at")),
+        ("Created", record.created_at),
     ]
     parts.append(
         "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts) + "</dl>"
     )
 
     parts.append("<h2>Outcome</h2>")
-    ratio = num(gain.get("ratio"))
+    gain = record.gain
+    ratio = finite(gain.ratio) if gain else None
     parts.append(
-        f"<p>Best: <b>{_e(record.get('best') or 'none')}</b>; baseline "
-        f"<b>{_e(record.get('baseline') or 'none')}</b>. {_e(gain.get('objective') or 'objective')}"
-        f": {_e(num(gain.get('baseline')))} → {_e(num(gain.get('best')))}"
+        f"<p>Best: <b>{_e(record.best or 'none')}</b>; baseline "
+        f"<b>{_e(record.baseline or 'none')}</b>. "
+        f"{_e((gain.objective if gain else None) or 'objective')}"
+        f": {_e(finite(gain.baseline) if gain else None)} → "
+        f"{_e(finite(gain.best) if gain else None)}"
         + (f" (<b>×{ratio:.2f}</b> over the baseline)" if ratio is not None else "")
         + ".</p>"
     )
@@ -208,11 +212,11 @@ def render_html(
         )
     )
 
-    parts.append(_plan_html(plan))
+    parts.append(_plan_html(record.plan))
     parts.append("<h2>Chosen profile</h2>")
-    prof = record.get("profile") or {}
+    path = record.profile.path if record.profile is not None else None
     if profile is not None:
-        parts.append(f"<p>{_e(prof.get('path') or '')}</p><pre>{html.escape(profile)}</pre>")
+        parts.append(f"<p>{_e(path or '')}</p><pre>{html.escape(profile)}</pre>")
     else:
         parts.append("<p>No profile was written.</p>")
     parts.append("</body></html>\n")
@@ -224,9 +228,9 @@ def _latency_columns(views: Sequence[TrialView]) -> list[tuple[str, str]]:
     return [(s, m) for s, m in wanted if any(v.latency_ms.get(f"{s}_{m}") for v in views)]
 
 
-def _noise_html(record: Mapping[str, Any]) -> str:
-    finalists = record.get("finalists") or []
-    within = record.get("within_noise")
+def _noise_html(record: SearchRecord) -> str:
+    finalists = record.finalists
+    within = record.within_noise
     if within is None:
         verdict = "No noise verdict in the record."
     elif within:
@@ -240,12 +244,12 @@ def _noise_html(record: Mapping[str, Any]) -> str:
     if finalists:
         rows = [
             [
-                f.get("name"),
-                num(f.get("mean")),
-                num(f.get("ci_low")),
-                num(f.get("ci_high")),
-                len(f.get("samples") or []),
-                ", ".join(f"{s:.3g}" for s in f.get("samples") or []),
+                f.name,
+                finite(f.mean),
+                finite(f.ci_low),
+                finite(f.ci_high),
+                len(f.samples),
+                ", ".join(f"{s:.3g}" for s in f.samples),
             ]
             for f in finalists
         ]
@@ -255,36 +259,32 @@ def _noise_html(record: Mapping[str, Any]) -> str:
     return out
 
 
-def _plan_html(plan: Mapping[str, Any]) -> str:
+def _plan_html(plan: PlanInfo) -> str:
     out = ["<h2>Plan and pruning</h2>"]
-    cands = plan.get("candidates")
-    n_cands = len(cands) if isinstance(cands, list) else cands
     out.append(
-        f"<p>Space: {_e(plan.get('space_size'))} combinations; candidates kept after "
-        f"pruning: {_e(n_cands)}; pruned: {len(plan.get('pruned') or [])}; capped: "
-        f"{len(plan.get('capped') or [])}.</p>"
+        f"<p>Space: {_e(plan.space_size)} combinations; candidates kept after "
+        f"pruning: {_e(plan.kept)}; pruned: {len(plan.pruned)}; capped: "
+        f"{len(plan.capped)}.</p>"
     )
-    counts = plan.get("counts_by_rule") or {}
-    if counts:
-        out.append(_table(["rule", "candidates"], sorted(counts.items()), left=1))
-    pruned = plan.get("pruned") or []
+    if plan.counts_by_rule:
+        out.append(_table(["rule", "candidates"], sorted(plan.counts_by_rule.items()), left=1))
+    pruned = plan.pruned
     if pruned:
         shown = pruned[:50]
         out.append(f"<p>Pruned candidates{' (first 50)' if len(pruned) > 50 else ''}:</p>")
         out.append(
             _table(
                 ["name", "rule", "reason"],
-                [[p.get("name"), p.get("rule"), p.get("reason")] for p in shown],
+                [[p.name, p.rule, p.reason] for p in shown],
                 left=3,
             )
         )
-    capped = plan.get("capped") or []
-    if capped:
+    if plan.capped:
         out.append(
             "<p>Capped candidates:</p>"
             + _table(
                 ["from", "to", "reason"],
-                [[c.get("from"), c.get("to"), c.get("reason")] for c in capped],
+                [[c.original, c.capped, c.reason] for c in plan.capped],
                 left=3,
             )
         )

@@ -10,8 +10,9 @@ Rules (names appear in the plan and the JSON record):
 - ``dominated``: max_num_seqs far past both the KV-feasible concurrency and the roofline knee.
 - ``kv-capacity``: max_num_seqs x the workload's context exceeds the KV capacity: capped to what
   fits, or dropped when the capped candidate repeats another.
-- ``same-as-defaults``: every knob equals what vLLM uses when it is left unset, so the baseline
-  trial already measures it.
+- ``same-as-defaults``: every knob equals what vLLM uses when it is left unset
+  (``tuner.specs.vllm_defaults``, the table the estimator reads too), so the baseline trial
+  already measures it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tuner.analytic.estimate import ServingConfig, default_batch_limits, estimate
+from tuner.analytic.estimate import ServingConfig, estimate
 from tuner.errors import ParameterError, UnsupportedError
 from tuner.plan.space import Candidate, Space
 from tuner.specs.gpu import GpuSpec
 from tuner.specs.model import ModelSpec
+from tuner.specs.vllm_defaults import vllm_defaults
 
 RULE_UNSUPPORTED = "unsupported"
 RULE_INVALID = "invalid"
@@ -35,16 +37,6 @@ RULE_KV = "kv-capacity"
 RULE_DEFAULTS = "same-as-defaults"
 # max_num_seqs beyond this multiple of max(KV-feasible concurrency, knee) cannot pay off.
 DOMINANCE_FACTOR = 4.0
-# vLLM 0.32's values for knobs left unset (batch limits: estimate.default_batch_limits);
-# knobs not listed here are never assumed to equal a default.
-VLLM_KNOB_DEFAULTS = {
-    "gpu_memory_utilization": 0.9,
-    "kv_cache_dtype": "auto",
-    "enable_chunked_prefill": True,
-    "enable_prefix_caching": True,
-    "quantization": "none",
-    "tensor_parallel_size": 1,
-}
 
 
 @dataclass(frozen=True)
@@ -71,10 +63,6 @@ class Target:
     context_len: int  # input + output tokens of the workload's typical request
     max_model_len: int | None = None
     kv_cache_memory_bytes: int | None = None
-
-    @property
-    def base(self) -> Variant:
-        return self.variants["none"]
 
 
 @dataclass(frozen=True)
@@ -186,8 +174,6 @@ def plan(space: Space, target: Target, *, max_candidates: int = 5000) -> Plan:
     pruned: list[Pruned] = []
     capped: list[Capped] = []
     for cand in space.candidates():
-        if cand.quantization == "none" and len(target.variants) == 1:
-            cand = cand.with_knob("quantization", None)  # the only variant: no flag to vary
         outcome = evaluate(cand, target)
         if isinstance(outcome, Pruned):
             pruned.append(outcome)
@@ -195,7 +181,8 @@ def plan(space: Space, target: Target, *, max_candidates: int = 5000) -> Plan:
         planned, cap = outcome
         if planned.name in kept:
             if cap is not None:
-                pruned.append(Pruned(cand, RULE_KV, f"{cap.reason}: same as {planned.name}"))
+                repeat = f"{cap.reason}: same as {planned.name}"
+                pruned.append(Pruned(cap.original, RULE_KV, repeat))
             continue
         if cap is not None:
             capped.append(cap)
@@ -214,6 +201,24 @@ def plan(space: Space, target: Target, *, max_candidates: int = 5000) -> Plan:
     return Plan(baseline, tuple(ordered), tuple(pruned), tuple(capped), space.size())
 
 
+def normalize(cand: Candidate, target: Target) -> Candidate:
+    """``cand`` as the search names it: with a single variant (the original model) there is no
+    quantization to vary, so ``quantization="none"`` is left unset (``seqs64``, not
+    ``seqs64-qnone``)."""
+    if cand.quantization == "none" and len(target.variants) == 1:
+        return cand.with_knob("quantization", None)
+    return cand
+
+
+def feasible_concurrency(seqs: int, max_concurrency: float) -> int:
+    """``seqs`` (a max_num_seqs) capped to the sequences the KV cache holds at the workload's
+    context (``max_concurrency``, the estimate's): at least 1. The cap on candidates, the batch
+    the estimate is read at and the load every trial's capacity probe starts from."""
+    if not math.isfinite(max_concurrency):
+        return max(1, seqs)
+    return max(1, min(seqs, math.floor(max_concurrency)))
+
+
 def same_as_defaults(cand: Candidate, target: Target) -> Pruned | None:
     """The ``same-as-defaults`` decision for a (non-baseline) candidate, None when it differs."""
     if effective_knobs(cand, target) != effective_knobs(Candidate(), target):
@@ -227,26 +232,27 @@ def effective_knobs(cand: Candidate, target: Target) -> dict[str, object] | None
     """The knobs vLLM will run ``cand`` with (its own values over vLLM's defaults); None when
     it sets a knob whose default vtune does not model, so it is never taken for the defaults."""
     knobs = cand.knobs()
-    known = {"max_num_seqs", "max_num_batched_tokens", *VLLM_KNOB_DEFAULTS}
-    if set(knobs) - known:
+    defaults = vllm_defaults()
+    tp = knobs.get("tensor_parallel_size") or defaults.tensor_parallel_size
+    unset = defaults.knob_values(target.gpu, tp)
+    if set(knobs) - set(unset):
         return None
-    values: dict[str, object] = {**VLLM_KNOB_DEFAULTS, **knobs}
-    values["quantization"] = values["quantization"] or "none"
-    default_mbt, default_seqs = default_batch_limits(
-        target.gpu, int(values["tensor_parallel_size"])
-    )
-    values.setdefault("max_num_seqs", default_seqs)
-    if values["enable_chunked_prefill"] is False:
-        return values  # vLLM's token budget then depends on max_model_len; not the defaults
-    values.setdefault("max_num_batched_tokens", default_mbt)
+    values: dict[str, object] = {**unset, **knobs}
+    values["quantization"] = values["quantization"] or "none"  # vLLM's none: the original model
+    if values["enable_chunked_prefill"] is False and "max_num_batched_tokens" not in knobs:
+        del values["max_num_batched_tokens"]  # vLLM's budget then follows max_model_len
     return values
 
 
 def evaluate(
     cand: Candidate, target: Target, *, baseline: bool = False
 ) -> Pruned | tuple[Planned, Capped | None]:
-    """Apply the rules to one candidate. The baseline (vLLM defaults) is never pruned."""
+    """Apply the rules to one candidate, :func:`normalize` first. The baseline (vLLM
+    defaults) is never pruned. Unset knobs take vLLM's defaults (``tuner.specs.vllm_defaults``),
+    the ones ``same-as-defaults`` compares with."""
+    cand = normalize(cand, target)
     gpu = target.gpu
+    defaults = vllm_defaults()
     variant = target.variants.get(cand.quantization or "none")
     if variant is None:
         return Pruned(cand, RULE_INVALID, f"unknown quantization variant {cand.quantization!r}")
@@ -254,18 +260,18 @@ def evaluate(
         return Pruned(
             cand, RULE_UNSUPPORTED, f"--quantization {variant.flag} does not run on {gpu.name}"
         )
-    kv_dtype = cand.kv_cache_dtype or "auto"
+    kv_dtype = cand.kv_cache_dtype or defaults.kv_cache_dtype
     if not gpu.supports_kv_cache_dtype(kv_dtype):
         return Pruned(
             cand, RULE_UNSUPPORTED, f"--kv-cache-dtype {kv_dtype} does not run on {gpu.name}"
         )
     spec = variant.spec
-    tp = cand.tensor_parallel_size or 1
+    tp = cand.tensor_parallel_size or defaults.tensor_parallel_size
     max_model_len = min(
         cand.max_model_len or target.max_model_len or spec.max_position_embeddings,
         spec.max_position_embeddings,
     )
-    default_mbt, default_seqs = default_batch_limits(gpu, tp)
+    default_mbt, default_seqs = defaults.batch_limits(gpu, tp)
     seqs = cand.max_num_seqs or default_seqs
     mbt = cand.max_num_batched_tokens
     if mbt is None:
@@ -292,7 +298,7 @@ def evaluate(
         context_len=min(target.context_len, max_model_len),
         quantization=variant.flag,
         kv_cache_dtype=kv_dtype,
-        gpu_memory_utilization=cand.gpu_memory_utilization or ServingConfig.gpu_memory_utilization,
+        gpu_memory_utilization=cand.gpu_memory_utilization or defaults.gpu_memory_utilization,
         max_num_batched_tokens=mbt,
         max_num_seqs=seqs,
         block_size=cand.block_size,
@@ -325,7 +331,7 @@ def evaluate(
     cap = None
     origin = cand
     if not baseline and cand.max_num_seqs and seqs > feasible:
-        fitting = max(1, math.floor(feasible))
+        fitting = feasible_concurrency(seqs, feasible)
         capped = cand.with_knob("max_num_seqs", fitting)
         cap = Capped(
             cand,
@@ -337,7 +343,7 @@ def evaluate(
     same = None if baseline else same_as_defaults(cand, target)
     if same is not None:
         return same
-    batch = max(1, min(seqs, math.floor(feasible) if feasible >= 1 else 1))
+    batch = feasible_concurrency(seqs, feasible)
     point = estimate(spec, gpu, cfg, ladder=(batch,)).ladder[0]
     return Planned(
         cand,

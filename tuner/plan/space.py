@@ -1,50 +1,30 @@
-"""The search space: vLLM knobs, typed candidates, and value parsing for overrides.
+"""The search space: typed candidates, and value parsing for overrides.
 
-A :class:`Candidate` holds one value per knob (None = vLLM's own default) and knows its vLLM
-arguments and a stable name. Pruning with the analytic bounds lives in ``tuner.plan.prune``.
+A :class:`Candidate` holds one value per search knob (None = vLLM's own default) and knows its
+vLLM arguments and a stable name; the knobs themselves (names, flags, labels, types) are
+``tuner.specs.knobs``. Pruning with the analytic bounds lives in ``tuner.plan.prune``.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tuner.errors import ParameterError
+from tuner.specs.knobs import SEARCH_KNOBS, knob, knob_names
 
-# knob -> value type. Names are vLLM's (flag without dashes, underscores for hyphens).
-KNOB_TYPES: dict[str, type] = {
-    "max_num_seqs": int,
-    "max_num_batched_tokens": int,
-    "gpu_memory_utilization": float,
-    "kv_cache_dtype": str,
-    "enable_chunked_prefill": bool,
-    "enable_prefix_caching": bool,
-    "quantization": str,  # a variant name: "none", an online method (fp8) or a checkpoint variant
-    "block_size": int,
-    "tensor_parallel_size": int,
-    "max_model_len": int,
-}
-# Short labels for candidate names (stable: changing one renames stored trials).
-_LABELS = {
-    "max_num_seqs": "seqs",
-    "max_num_batched_tokens": "mbt",
-    "gpu_memory_utilization": "gmu",
-    "kv_cache_dtype": "kv",
-    "enable_chunked_prefill": "cp",
-    "enable_prefix_caching": "pc",
-    "quantization": "q",
-    "block_size": "bs",
-    "tensor_parallel_size": "tp",
-    "max_model_len": "len",
-}
+_SEARCH_NAMES = knob_names(SEARCH_KNOBS)
 
 
 @dataclass(frozen=True, order=True)
 class Candidate:
-    """One vLLM configuration to measure; None means "leave vLLM's default"."""
+    """One vLLM configuration to measure; None means "leave vLLM's default".
+
+    One field per search knob of ``tuner.specs.knobs.SEARCH_KNOBS``, in its order (a unit test
+    holds them together). ``quantization`` is a variant name ("none", "fp8", a checkpoint's)."""
 
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
@@ -60,26 +40,20 @@ class Candidate:
     @property
     def is_baseline(self) -> bool:
         """True for vLLM's defaults (every knob unset), the reference every search measures."""
-        return all(v is None for v in asdict(self).values())
+        return not self.knobs()
 
     @property
     def name(self) -> str:
-        """Stable, human-readable id, e.g. ``seqs64-mbt8192-kvfp8``; ``vllm-defaults``."""
+        """Stable, human-readable id, e.g. ``seqs64-mbt8192-kvfp8``; ``vllm-defaults``. Stored
+        in studies and records: the knobs' labels never change."""
         if self.is_baseline:
             return "vllm-defaults"
-        parts = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                value = int(value)
-            parts.append(f"{_LABELS[f.name]}{value}")
-        return "-".join(parts)
+        return "-".join(knob(k).label_part(v) for k, v in self.knobs().items())
 
     def knobs(self) -> dict[str, Any]:
-        """The knobs that are set (vLLM names -> values)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The knobs that are set (vLLM names -> values), in the registry's order."""
+        values = ((name, getattr(self, name)) for name in _SEARCH_NAMES)
+        return {name: value for name, value in values if value is not None}
 
     def to_vllm_args(self, variant_flag: str | None = None) -> list[str]:
         """vLLM CLI arguments for the knobs that are set. ``quantization`` is a variant name;
@@ -90,11 +64,7 @@ class Candidate:
                 value = variant_flag
                 if value is None:
                     continue
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                args.append(flag if value else "--no-" + flag[2:])
-            else:
-                args += [flag, str(value)]
+            args += knob(key).argv(value)
         return args
 
     def with_knob(self, key: str, value: Any) -> Candidate:
@@ -127,28 +97,19 @@ class Space:
         return Space({k: v for k, v in merged.items() if v})
 
 
-def parse_value(knob: str, text: str) -> Any:
-    """Parse one value of ``knob`` from text; "default" means vLLM's default (None)."""
-    if knob not in KNOB_TYPES:
-        raise ParameterError(f"unknown parameter {knob!r}; valid: {', '.join(KNOB_TYPES)}")
+def parse_value(name: str, text: str) -> Any:
+    """Parse one value of the search knob ``name`` from text; "default" means vLLM's default
+    (None), except for ``quantization``, whose "none" is the unquantized variant."""
+    if name not in _SEARCH_NAMES:
+        raise ParameterError(f"unknown parameter {name!r}; valid: {', '.join(_SEARCH_NAMES)}")
     raw = str(text).strip()
-    if raw.lower() in ("default", "none", "null") and knob != "quantization":
+    if raw.lower() in ("default", "none", "null") and name != "quantization":
         return None
-    kind = KNOB_TYPES[knob]
-    try:
-        if kind is bool:
-            lowered = raw.lower()
-            if lowered in ("true", "1", "yes", "on"):
-                return True
-            if lowered in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(raw)
-        value = kind(raw)
-    except ValueError:
-        raise ParameterError(f"bad value {raw!r} for {knob} (expected {kind.__name__})") from None
-    if kind in (int, float) and value <= 0:
-        raise ParameterError(f"{knob} must be positive, got {raw}")
-    if knob == "gpu_memory_utilization" and value > 1:
+    the_knob = knob(name)
+    value = the_knob.coerce(raw)
+    if the_knob.kind in (int, float) and value <= 0:
+        raise ParameterError(f"{name} must be positive, got {raw}")
+    if name == "gpu_memory_utilization" and value > 1:
         raise ParameterError(f"gpu_memory_utilization must be in (0, 1], got {raw}")
     return value
 

@@ -4,6 +4,9 @@ this GPU, checkpoints the user names, and checkpoints vtune builds (AWQ / GPTQ).
 Planning needs no build: a variant to be built is planned with the estimator's exact formula
 for its format; :func:`tuner.quant.variants.materialize` builds it and re-reads the real
 checkpoint before any trial runs.
+
+:func:`serving_values` is what a candidate runs with on a variant: the one place that orders
+fixed settings, the candidate's knobs and the variant's model and method.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from tuner.errors import ParameterError
 from tuner.plan.prune import Variant
+from tuner.plan.space import Candidate
 from tuner.specs.gpu import GpuSpec
 from tuner.specs.model import ModelSpec, QuantConfig, load_model
 
@@ -75,6 +81,19 @@ def plan_variants(
         )
         out[method] = Variant(method, str(where), planned, flag=method, source="built")
     return out
+
+
+def serving_values(fixed: Mapping[str, Any], cand: Candidate, variant: Variant) -> dict[str, Any]:
+    """The vLLM settings (by vLLM's names) ``cand`` runs with on ``variant``: ``model`` (the
+    variant's) first, then the settings fixed for every candidate, then the candidate's knobs,
+    then the variant's ``--quantization`` method; a later one wins. The candidate's own
+    ``quantization`` is a variant name, not a vLLM value, so it is not passed on."""
+    values: dict[str, Any] = {"model": variant.model}
+    values.update((k, v) for k, v in fixed.items() if k != "model")
+    values.update((k, v) for k, v in cand.knobs().items() if k != "quantization")
+    if variant.flag:
+        values["quantization"] = variant.flag
+    return values
 
 
 def online_methods(gpu: GpuSpec) -> list[str]:

@@ -104,7 +104,7 @@ class OptimumGptqBackend:
     modules: ClassVar[tuple[str, ...]] = ("optimum.gptq", "gptqmodel")
     install: ClassVar[str] = (
         "pip install optimum==2.3.0 && pip install --no-deps gptqmodel==7.6.0 threadpoolctl "
-        "device-smi pypcre tokenicer logbar defuser (see /work/notes/quantize.md)"
+        "device-smi pypcre tokenicer logbar defuser (pinned versions: the Makefile's GPTQ_NODEPS)"
     )
 
     def quantize(self, job: QuantJob) -> None:

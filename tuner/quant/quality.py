@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import DatasetError, ModelError, ParameterError, UnsupportedError
+from tuner.load.workload import load_tokenizer
 
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # AutoAWQ GEMM packs 8 nibbles as 0 2 4 6 1 3 5 7
 FP8_E4M3_MAX = 448.0
@@ -80,7 +81,6 @@ def perplexity(
     an unreadable model, UnsupportedError for a quantization format this cannot dequantize.
     """
     import torch
-    from transformers import AutoTokenizer
 
     if max_tokens < 2 or window < 2:
         raise ParameterError("max_tokens and window must be at least 2")
@@ -89,7 +89,7 @@ def perplexity(
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ParameterError(f"unknown dtype {dtype!r}")
-    tok = AutoTokenizer.from_pretrained(str(tokenizer or model_dir))
+    tok = load_tokenizer(tokenizer or model_dir, local_files_only=False)
     ids: list[int] = []
     for text in texts:
         ids.extend(tok(text, add_special_tokens=True)["input_ids"])

@@ -13,7 +13,9 @@ GPT-QModel move one decoder layer at a time to the GPU themselves.
 The output directory is a complete model: weights with ``quantization_config`` in
 ``config.json`` (what vLLM reads), the tokenizer, and a marker file written last. The same request
 on the same source reuses the directory (the marker holds a fingerprint of model, method,
-settings, calibration texts and backend version); a different request rebuilds it atomically.
+settings, calibration texts and backend version); a different request rebuilds it beside the
+old one and swaps it in under a lock (:mod:`tuner.quant.outdir`), so no kill loses a checkpoint
+or leaves a half-built one behind.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from typing import Any
 
 from tuner.errors import DatasetError, ModelError, ParameterError, UnsupportedError
 from tuner.files import atomic_write_json
+from tuner.load.workload import load_tokenizer
+from tuner.quant import outdir
 from tuner.quant.backends import (
     METHODS,
     QUANT_DTYPE,
@@ -219,20 +223,31 @@ def quantize(
     out_dir = Path(req.out_dir).expanduser().resolve()
     _check_out_dir(out_dir)
     backend = backend or get_backend(method)
-
     fingerprint = json.loads(json.dumps(_fingerprint(req, spec, texts, backend)))  # as stored
-    cached = _reuse(out_dir, fingerprint)
-    if cached is not None:
-        return cached
+    with outdir.locked(out_dir, MARKER):  # a second build into out_dir waits, then reuses
+        _check_out_dir(out_dir)  # again: a build that just finished may have written it
+        cached = _reuse(out_dir, fingerprint)
+        if cached is not None:
+            return cached
+        return _build(req, spec, method, backend, texts, fingerprint, out_dir)
 
-    tokenizer = _load_tokenizer(req.model)
+
+def _build(
+    req: QuantizeRequest,
+    spec: ModelSpec,
+    method: str,
+    backend: QuantBackend,
+    texts: list[str],
+    fingerprint: dict[str, Any],
+    out_dir: Path,
+) -> QuantizedModel:
+    """Build into a directory beside ``out_dir`` and swap it in (see :mod:`tuner.quant.outdir`)."""
+    tokenizer = load_tokenizer(req.model, local_files_only=False)
     token_lists = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
     blocks = calibration_blocks(
         token_lists, seq_len=req.calib_seq_len, max_blocks=req.max_calib_blocks
     )
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = outdir.build_dir(out_dir)
     try:
         start = time.perf_counter()
         dtype = _calibration_dtype()
@@ -260,9 +275,7 @@ def quantize(
         atomic_write_json(
             tmp / MARKER, {"fingerprint": fingerprint, "result": result.to_json()}, sort_keys=True
         )
-        if out_dir.exists():  # an earlier vtune output for another request (checked above)
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
+        outdir.swap_in(tmp, out_dir)  # out_dir is an earlier vtune output, if any (checked)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
@@ -302,15 +315,6 @@ def _cast_checkpoint(directory: Path, dtype: str) -> None:
         cast = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
         save_file(cast, str(file), metadata={"format": "pt"})
     edit_config(directory, set_={"dtype": dtype}, drop={"torch_dtype"})
-
-
-def _load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the tokenizer of {model!r}: {exc}") from None
 
 
 def _check_out_dir(out_dir: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from tuner.errors import ModelError
+from tuner.load.workload import load_tokenizer
 from tuner.plan.prune import Variant
 from tuner.quant.quality import assess, perplexity
 from tuner.quant.quantize import QuantizeRequest, load_calibration_texts, quantize
@@ -24,7 +26,13 @@ def materialize(
 ) -> tuple[dict[str, Variant], list[dict]]:
     """Build the variants marked "built" (reused when already built), re-read their real
     checkpoints, and run the quality guard when asked. Returns the variants to search and the
-    quality figures of every variant (dropped ones included, with ``passed: false``)."""
+    quality figures of every variant (dropped ones included, with ``passed: false``).
+    ModelError in one line when the guard is asked for and the base model has no tokenizer."""
+    if max_quality_loss is not None:  # fail before hours of building, not after
+        try:
+            load_tokenizer(variants["none"].model, local_files_only=False)
+        except ModelError as exc:
+            raise ModelError(f"--max-quality-loss needs the model's tokenizer: {exc}") from None
     out = dict(variants)
     for name, variant in variants.items():
         if variant.source != "built":

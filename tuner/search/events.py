@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from tuner.search.record import TrialRecord
+from tuner.search.record import SearchRecord, TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ PHASES = ("plan", "baseline", "trials", "finalists", "write", "done")
 class SearchObserver(Protocol):
     """Hooks a search calls, in this order: on_plan, then per trial on_trial_start,
     on_point (each measured load point), on_trial_end; on_phase at each phase change;
-    on_finish with the full record (the profile's JSON) at the end."""
+    on_finish with the typed search record (what the profile's JSON holds) at the end."""
 
     def on_plan(self, total_candidates: int, pruned: int, budget: int) -> None: ...
 
@@ -32,7 +32,7 @@ class SearchObserver(Protocol):
 
     def on_trial_end(self, trial: TrialRecord) -> None: ...
 
-    def on_finish(self, record: dict[str, Any]) -> None: ...
+    def on_finish(self, record: SearchRecord) -> None: ...
 
 
 class Fanout:

@@ -24,7 +24,7 @@ from tuner.search.runner import (
     directions,
 )
 from tuner.search.study import open_study, storage_url
-from tuner.specs.detect import check_gpu_choice, detect_gpus
+from tuner.specs.detect import gpu_choice_warnings
 from tuner.specs.gpu import GpuSpec, get_gpu
 from tuner.specs.model import ModelSpec, load_model
 
@@ -104,7 +104,7 @@ def prepare(cfg: TuneConfig) -> Prepared:
         raise ParameterError("--objective latency needs --rate (the load to measure latency at)")
     model = load_model(cfg.model)
     gpu = get_gpu(cfg.gpu)
-    warnings = [w for w in [check_gpu_choice(gpu, detect_gpus())] if w]
+    warnings = gpu_choice_warnings(gpu)
     slo = parse_slo(cfg.slo) if cfg.slo else None
     yaml_path, json_path = profile_paths(cfg.model, gpu.name, cfg.out)
     variants = plan_variants(

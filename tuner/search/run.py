@@ -3,31 +3,28 @@ and its record. :func:`tuner.search.prepare.prepare` comes first."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import replace
 from typing import Any
 
 from tuner.measure.ratesearch import RateSearchConfig
-from tuner.plan.prune import plan
+from tuner.plan.prune import feasible_concurrency, plan
 from tuner.plan.space import Space
 from tuner.quant.variants import materialize
 from tuner.search.outcome import TuneOutcome, build_record, profile_config, profile_header
 from tuner.search.prepare import Prepared, fixed_settings, storage_for
 from tuner.search.profile import write_profile
-from tuner.search.runner import (
-    Search,
-    TrialStore,
-    directions,
-    make_sampler,
-    queue_all,
-)
+from tuner.search.record_parts import ProfileInfo
+from tuner.search.runner import Search, directions, make_sampler, queue_all
+from tuner.search.store import TrialStore
 from tuner.search.study import open_study
 from tuner.search.trial import TrialSetup, VllmTrialRunner
+from tuner.specs.vllm_defaults import vllm_defaults
 
 
 def run_search(prep: Prepared, observer: Any = None) -> TuneOutcome:
-    """Run (or resume) the study, then write the profile YAML and its JSON record."""
+    """Run (or resume) the study, then write the profile YAML and its JSON record
+    (``SearchRecord.to_json()``); observers' ``on_finish`` gets the typed record."""
     cfg = prep.config
     started = time.time()
     _materialize_variants(prep, observer)
@@ -51,13 +48,14 @@ def run_search(prep: Prepared, observer: Any = None) -> TuneOutcome:
     yaml_path = None
     if result.best is not None:
         config = profile_config(prep, result)
-        record["profile"] = {"path": str(prep.yaml_path), "config": config}
-        write_profile(prep.yaml_path, config, profile_header(prep, result, record), record)
+        record = replace(record, profile=ProfileInfo(str(prep.yaml_path), config))
+        header = profile_header(prep, result, record)
+        write_profile(prep.yaml_path, config, header, record.to_json())
         yaml_path = prep.yaml_path
     else:
         from tuner.files import atomic_write_json
 
-        atomic_write_json(prep.json_path, record)
+        atomic_write_json(prep.json_path, record.to_json())
     observer_call(observer, "on_finish", record)
     observer_call(observer, "on_phase", "done")
     return TuneOutcome(prep, result, record, yaml_path)
@@ -111,10 +109,9 @@ def _materialize_variants(prep: Prepared, observer: Any) -> None:
 
 
 def _baseline_seqs(prep: Prepared, fits: float) -> int:
-    from tuner.analytic.estimate import default_batch_limits
-
-    _, seqs = default_batch_limits(prep.gpu, 1)
-    return max(1, min(seqs, math.floor(fits) if fits >= 1 else 1))
+    """The baseline's load: vLLM's default max_num_seqs, capped to what the KV cache holds."""
+    _, seqs = vllm_defaults().batch_limits(prep.gpu)
+    return feasible_concurrency(seqs, fits)
 
 
 def observer_call(observer: Any, hook: str, *args: Any) -> None:

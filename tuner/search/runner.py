@@ -12,19 +12,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from tuner.plan.prune import Plan, Planned, Pruned, Target, Variant, evaluate
 from tuner.plan.space import Candidate, Space
 from tuner.search.events import Fanout
-from tuner.search.record import (
-    STATE_COMPLETE,
-    STATE_PRUNED,
-    Finalist,
-    TrialRecord,
-    pareto_front,
-)
+from tuner.search.objective import OBJECTIVES as OBJECTIVES  # re-exported for prepare
+from tuner.search.objective import direction, minimized
+from tuner.search.record import STATE_COMPLETE, STATE_PRUNED, Finalist, TrialRecord
+from tuner.search.stats import pareto_front
+from tuner.search.store import TrialStore
 from tuner.search.study import (
     fail_stale,
     finished_records,
@@ -33,7 +30,6 @@ from tuner.search.study import (
     running_elsewhere,
 )
 
-OBJECTIVES = ("throughput", "goodput", "latency")
 # After this many sampled trials in a row that ran nothing (pruned or already measured), the
 # sampler has nothing new to offer: the search stops.
 MAX_IDLE_ASKS = 40
@@ -57,7 +53,8 @@ class SearchSettings:
 
     @property
     def minimize(self) -> bool:
-        return self.objective == "latency"
+        """Whether the objective is minimised (its direction: :mod:`tuner.search.objective`)."""
+        return minimized(self.objective)
 
 
 class TrialRunner(Protocol):
@@ -82,9 +79,19 @@ class SearchResult:
 
 
 def directions(settings: SearchSettings) -> list[str]:
+    """The study's Optuna directions: the objective's, or (output throughput: maximize,
+    p95 TPOT: minimize) for the Pareto study."""
     if settings.pareto:
         return ["maximize", "minimize"]
-    return ["minimize" if settings.minimize else "maximize"]
+    return [direction(settings.objective)]
+
+
+def _sampler_kind(settings: SearchSettings, queued_all: bool) -> str:
+    if settings.pareto or settings.sampler == "nsga2":
+        return "NSGA-II"
+    if settings.sampler == "tpe" or not queued_all:
+        return "TPE"
+    return "random"  # never consulted: every candidate is queued
 
 
 def make_sampler(settings: SearchSettings, queued_all: bool) -> Any:
@@ -92,9 +99,10 @@ def make_sampler(settings: SearchSettings, queued_all: bool) -> Any:
     the sampler is never consulted, which makes the study a grid in analytic order."""
     import optuna
 
-    if settings.pareto or settings.sampler == "nsga2":
+    kind = _sampler_kind(settings, queued_all)
+    if kind == "NSGA-II":
         return optuna.samplers.NSGAIISampler(seed=settings.seed)
-    if settings.sampler == "tpe" or not queued_all:
+    if kind == "TPE":
         return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=4)
     return optuna.samplers.RandomSampler(seed=settings.seed)
 
@@ -106,6 +114,32 @@ def queue_all(plan: Plan, settings: SearchSettings) -> bool:
     if settings.sampler in ("tpe", "nsga2"):
         return False
     return settings.budget is None or len(plan.all()) <= settings.budget
+
+
+@dataclass(frozen=True)
+class TrialOrder:
+    """The order a search measures its plan in. ``queued`` are enqueued in this order before
+    any sampling (vLLM's defaults first); ``rest`` is left to ``sampler`` ("TPE" or "NSGA-II"),
+    which picks among the whole space; for a grid, ``sampler`` is None and ``rest`` empty."""
+
+    queued: tuple[Planned, ...]
+    rest: tuple[Planned, ...]
+    sampler: str | None
+
+    @property
+    def candidates(self) -> list[Planned]:
+        return [*self.queued, *self.rest]
+
+
+def trial_order(plan: Plan, settings: SearchSettings) -> TrialOrder:
+    """The one place that decides what runs first: the whole plan in analytic order when it is
+    a grid (:func:`queue_all`), else the baseline and ``ANALYTIC_FIRST`` distinct analytic
+    picks, then the sampler. The search queues it; the dry run prints it."""
+    if queue_all(plan, settings):
+        return TrialOrder(tuple(plan.all()), (), None)
+    first = plan.first_picks(ANALYTIC_FIRST)
+    rest = tuple(p for p in plan.all() if p not in first)
+    return TrialOrder(tuple(first), rest, _sampler_kind(settings, False))
 
 
 class Search:
@@ -138,8 +172,9 @@ class Search:
         fail_stale(self.study)
         done = self.store.load_all()
         done.update(finished_records(self.study))
-        grid = queue_all(self.plan, self.settings)
-        self._enqueue(done, grid)
+        order = trial_order(self.plan, self.settings)
+        grid = order.sampler is None
+        self._enqueue(done, order.queued)
         budget = (
             self.settings.budget
             if self.settings.budget is not None
@@ -198,9 +233,8 @@ class Search:
             finalist_engine_time_s=finalist_time,
         )
 
-    def _enqueue(self, done: dict[str, TrialRecord], grid: bool) -> None:
+    def _enqueue(self, done: dict[str, TrialRecord], queue: tuple[Planned, ...]) -> None:
         pending = pending_names(self.study)
-        queue = self.plan.all() if grid else self.plan.first_picks(ANALYTIC_FIRST)
         for planned in queue:
             if planned.name in done or planned.name in pending:
                 continue
@@ -226,9 +260,7 @@ class Search:
             return self.plan.baseline
         knobs = {k: trial.suggest_categorical(k, list(v)) for k, v in self.varying.items()}
         cand = Candidate(**{**self.fixed, **knobs})
-        if cand.quantization == "none" and len(self.target.variants) == 1:
-            cand = cand.with_knob("quantization", None)
-        outcome = evaluate(cand, self.target)
+        outcome = evaluate(cand, self.target)  # normalizes the single-variant quantization
         return outcome if isinstance(outcome, Pruned) else outcome[0]
 
     def _tell_known(self, trial: Any, record: TrialRecord) -> None:
@@ -331,45 +363,3 @@ def _state(name: str) -> Any:
     import optuna
 
     return getattr(optuna.trial.TrialState, name)
-
-
-class TrialStore:
-    """One JSON file per finished trial (and per finalist's samples), written atomically."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def _path(self, kind: str, name: str) -> Path:
-        return self.directory / kind / f"{name}.json"
-
-    def save(self, record: TrialRecord) -> None:
-        from tuner.files import atomic_write_json
-
-        atomic_write_json(self._path("trials", record.name), record.to_json())
-
-    def load_all(self) -> dict[str, TrialRecord]:
-        from tuner.files import read_json
-
-        out = {}
-        for file in sorted((self.directory / "trials").glob("*.json")):
-            record = TrialRecord.from_json(read_json(file))
-            out[record.name] = record
-        return out
-
-    def save_samples(self, name: str, samples: list[float], seconds: float) -> None:
-        from tuner.files import atomic_write_json
-
-        atomic_write_json(
-            self._path("finalists", name),
-            {"name": name, "samples": samples, "engine_time_s": seconds},
-        )
-
-    def load_samples(self, name: str) -> tuple[list[float], float] | None:
-        """A finalist's saved samples and the engine time they took; None if not saved."""
-        from tuner.files import read_json
-
-        path = self._path("finalists", name)
-        if not path.exists():
-            return None
-        data = read_json(path)
-        return list(data["samples"]), float(data.get("engine_time_s", 0.0))

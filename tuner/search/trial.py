@@ -1,6 +1,7 @@
 """One trial on the real engine: launch vLLM with a candidate, find its best SLO-meeting rate
 within that launch, stop vLLM, and return a :class:`TrialRecord` (never raising for a failed
-server: a failure is a record with its class and log).
+server: a failure is a record with its class and log). The server's life (start, the dead-server
+watchdog, uvloop, stop) is ``tuner.measure.session``'s; a death mid-run keeps the points before it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from tuner.measure.ratesearch import (
     find_max_rate,
     objective_value,
 )
+from tuner.measure.session import ServerDied, launched, run_watched
 from tuner.measure.slo import Slo
-from tuner.plan.prune import Planned, Variant
+from tuner.plan.prune import Planned, Variant, feasible_concurrency
 from tuner.plan.space import Candidate
+from tuner.plan.variants import serving_values
 from tuner.search.events import Fanout
 from tuner.search.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
 
@@ -55,14 +58,6 @@ class TrialSetup:
     request_timeout_s: float = 120.0
 
 
-class TrialCrashed(Exception):
-    """The server died during a measurement; carries the points measured before."""
-
-    def __init__(self, points: list[RatePoint]) -> None:
-        super().__init__("server died")
-        self.points = points
-
-
 class VllmTrialRunner:
     """The search's TrialRunner against real vLLM."""
 
@@ -88,8 +83,21 @@ class VllmTrialRunner:
         )
         t0 = time.monotonic()
         log_path = self.setup.log_dir / f"{number:03d}-{planned.name[:100]}.log"
+        points: list[RatePoint] = []  # what was measured, kept when the server dies
         try:
-            server = VllmServer(settings, self.setup.launch, log_path=log_path).start()
+            with launched(settings, self.setup.launch, log_path=log_path) as server:
+                assert server.info is not None
+                base = replace(
+                    base,
+                    server_info=server.info.to_json(),
+                    log_path=str(server.log_path),
+                    vllm_args=list(server.info.argv),
+                )
+                concurrency = self._concurrency(planned)
+                result = run_watched(
+                    server,
+                    lambda stop: self._search(server, planned.name, concurrency, stop, points),
+                )
         except ServerStartError as exc:
             return replace(
                 base,
@@ -99,31 +107,17 @@ class VllmTrialRunner:
                 engine_time_s=time.monotonic() - t0,
                 finished_at=_now(),
             )
-        assert server.info is not None
-        base = replace(
-            base,
-            server_info=server.info.to_json(),
-            log_path=str(server.log_path),
-            vllm_args=list(server.info.argv),
-        )
-        concurrency = self._concurrency(planned)
-        try:
-            result = asyncio.run(self._search(server, planned.name, concurrency))
-        except TrialCrashed as crash:
-            failure = server.poll_failure()
-            server.stop()
-            partial = RateSearchResult(tuple(crash.points), None, 0.0, "server died mid-run")
+        except ServerDied as died:
+            partial = RateSearchResult(tuple(points), None, 0.0, "server died mid-run")
             return replace(
                 base,
                 rate_search=partial.to_json(),
-                failure=_failure_json(failure)
-                if failure
+                failure=_failure_json(died.failure)
+                if died.failure
                 else {"class": "crashed", "message": "server died mid-run"},
                 engine_time_s=time.monotonic() - t0,
                 finished_at=_now(),
             )
-        finally:
-            server.stop()
         value = self._objective(result)
         best = None
         if result.best is not None:
@@ -152,33 +146,26 @@ class VllmTrialRunner:
             return []
         log_path = self.setup.log_dir / f"finalist-{record.name[:100]}.log"
         try:
-            server = VllmServer(settings, self.setup.launch, log_path=log_path).start()
-        except ServerStartError:
+            with launched(settings, self.setup.launch, log_path=log_path) as server:
+                return run_watched(
+                    server, lambda stop: self._repeat(server, record.name, load, repeats, stop)
+                )
+        except (ServerStartError, ServerDied):
             return [0.0] * repeats
-        try:
-            return asyncio.run(self._repeat(server, record.name, load, repeats))
-        except TrialCrashed:
-            return [0.0] * repeats
-        finally:
-            server.stop()
 
     # -- helpers ----------------------------------------------------------------------------------
 
     def engine_settings(self, cand: Candidate, variant: Variant) -> EngineSettings:
-        """Fixed settings, then the candidate's knobs; the variant decides model and method."""
-        values: dict[str, Any] = dict(self.setup.fixed)
-        values.update({k: v for k, v in cand.knobs().items() if k != "quantization"})
-        values["model"] = variant.model
-        if variant.flag:
-            values["quantization"] = variant.flag
+        """Fixed settings, then the candidate's knobs, then the variant's model and method
+        (:func:`tuner.plan.variants.serving_values`, which the profile is written from too)."""
+        values = serving_values(self.setup.fixed, cand, variant)
         return EngineSettings.from_mapping(variant.model, values)
 
     def _concurrency(self, planned: Planned) -> int:
         """Closed-loop concurrency for the capacity probe: max_num_seqs (vLLM's default for
         the baseline), but no more sequences than the KV cache holds at the workload's context."""
         seqs = planned.candidate.max_num_seqs or self.setup.rate.concurrency
-        fits = max(1, math.floor(planned.max_concurrency)) if planned.max_concurrency else seqs
-        return max(1, min(seqs, fits))
+        return feasible_concurrency(seqs, planned.max_concurrency)
 
     def requests(self) -> list[Any]:
         if self._pool is None:
@@ -190,8 +177,16 @@ class VllmTrialRunner:
         return self._pool
 
     async def _point(
-        self, server: VllmServer, name: str, load: LoadPoint, warmup: int, offset: int
+        self,
+        server: VllmServer,
+        name: str,
+        load: LoadPoint,
+        warmup: int,
+        offset: int,
+        stop: asyncio.Event,
     ) -> RatePoint:
+        """Measure ``load`` once; raises ServerDied (the point is dropped) when the server died
+        during it (``stop`` is the watchdog's: set, it ends the load at once)."""
         pool = self.requests()
         n = load.num_requests + warmup
         reqs: Sequence[Any] = [pool[(offset + i) % len(pool)] for i in range(n)]
@@ -205,24 +200,29 @@ class VllmTrialRunner:
             endpoint=self.setup.endpoint,
         )  # type: ignore[arg-type]
         served = server.info.model if server.info and server.info.model else server.settings.model
-        m = await measure(server.url, served, reqs, cfg, slo=self.setup.slo)
-        if server.poll_failure() is not None:
-            raise TrialCrashed([])
+        m = await measure(server.url, served, reqs, cfg, slo=self.setup.slo, stop=stop)
+        if stop.is_set() or server.poll_failure() is not None:
+            raise ServerDied(server.poll_failure())
         ok = m.summary.failed == 0 and (self.setup.slo is None or self.setup.slo.met(m.summary))
         point = RatePoint(load, m.summary, ok, None if m.server is None else m.server.to_json())
         self.observer.on_point(name, point.to_json())
         return point
 
-    async def _search(self, server: VllmServer, name: str, concurrency: int) -> RateSearchResult:
-        points: list[RatePoint] = []
+    async def _search(
+        self,
+        server: VllmServer,
+        name: str,
+        concurrency: int,
+        stop: asyncio.Event,
+        points: list[RatePoint],
+    ) -> RateSearchResult:
+        """The rate search within this launch; every measured point is appended to ``points``
+        as it completes, so the caller keeps them when the server dies."""
         counter = {"offset": 0}
 
         async def measure_at(load: LoadPoint) -> RatePoint:
             warmup = WARMUP_REQUESTS if not points else 0
-            try:
-                point = await self._point(server, name, load, warmup, counter["offset"])
-            except TrialCrashed:
-                raise TrialCrashed(points) from None
+            point = await self._point(server, name, load, warmup, counter["offset"], stop)
             counter["offset"] += load.num_requests + warmup
             points.append(point)
             return point
@@ -241,7 +241,7 @@ class VllmTrialRunner:
         return await find_max_rate(measure_at, self.setup.slo, cfg)
 
     async def _repeat(
-        self, server: VllmServer, name: str, load: LoadPoint, repeats: int
+        self, server: VllmServer, name: str, load: LoadPoint, repeats: int, stop: asyncio.Event
     ) -> list[float]:
         values = []
         for i in range(repeats):
@@ -251,6 +251,7 @@ class VllmTrialRunner:
                 load,
                 WARMUP_REQUESTS if i == 0 else 0,
                 offset=i * (load.num_requests + WARMUP_REQUESTS),
+                stop=stop,
             )
             single = RateSearchResult(
                 (point,),

@@ -7,9 +7,11 @@ each tensor name to its dtype, shape and byte offsets; reading it costs one smal
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tuner.errors import ModelError
 
@@ -41,16 +43,36 @@ def read_checkpoint_info(directory: Path) -> CheckpointInfo | None:
         for name, entry in _read_header(file).items():
             if name == "__metadata__":
                 continue
-            start, end = entry["data_offsets"]
-            size = int(end) - int(start)
-            count = 1
-            for dim in entry["shape"]:
-                count *= int(dim)
+            dtype, size, count = _tensor_entry(file, name, entry)
             total_bytes += size
             elements += count
-            by_dtype[entry["dtype"]] = by_dtype.get(entry["dtype"], 0) + size
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + size
             names.append(name)
     return CheckpointInfo(len(files), total_bytes, elements, by_dtype, tuple(sorted(names)))
+
+
+def _tensor_entry(file: Path, name: str, entry: Any) -> tuple[str, int, int]:
+    """(dtype, bytes, elements) of one header entry; ModelError naming what is missing or
+    malformed (a truncated or hand-edited header must not end in a traceback)."""
+    where = f"cannot read safetensors header of {file}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise ModelError(f"{where} is not a JSON object")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
+    if missing:
+        raise ModelError(f"{where} has no {' / '.join(missing)}")
+    offsets, shape = entry["data_offsets"], entry["shape"]
+    if not (_sizes(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise ModelError(f"{where} has data_offsets {offsets!r}, not [start, end]")
+    if not _sizes(shape):
+        raise ModelError(f"{where} has shape {shape!r}, not a list of sizes")
+    return str(entry["dtype"]), offsets[1] - offsets[0], math.prod(shape)
+
+
+def _sizes(value: Any) -> bool:
+    """A list of non-negative integers (JSON has no other integer kind; bools are not sizes)."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
 
 
 def _read_header(file: Path) -> dict:

@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tuner.specs.gpu import GIB, MIB, GpuSpec, _registry
+from tuner.specs.gpu import GIB, MIB, GpuSpec, _registry, get_gpu
 
 NVIDIA_SMI_ARGV = (
     "nvidia-smi",
@@ -153,3 +153,13 @@ def check_gpu_choice(spec: GpuSpec, detected: Sequence[DetectedGpu]) -> str | No
         f"--gpu {spec.name}, but GPU {first.index} is '{first.name}' ({found}, "
         f"{first.memory_bytes / GIB:.1f} GiB); figures are {spec.name}'s"
     )
+
+
+def gpu_choice_warnings(gpu: GpuSpec | str) -> list[str]:
+    """The warnings to show before running on ``--gpu`` (a registry name or spec): the one line
+    of :func:`check_gpu_choice` against this machine's detected GPUs, or nothing. Raises
+    UnknownGpuError for a name the registry does not hold. ``vtune bench`` and the search's
+    prepare both call this, so the check and its wording live here only."""
+    spec = get_gpu(gpu) if isinstance(gpu, str) else gpu
+    warning = check_gpu_choice(spec, detect_gpus())
+    return [warning] if warning else []

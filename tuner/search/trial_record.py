@@ -1,0 +1,141 @@
+"""One trial's record (:class:`TrialRecord`) and a re-measured finalist (:class:`Finalist`):
+what the search loop saves after each trial, resumes from, and hands to its observers.
+Both end up inside the search record (:mod:`tuner.search.record`), which re-exports them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tuner.search.stats import mean_ci
+
+STATE_COMPLETE = "complete"  # the server ran and the load was measured
+STATE_FAILED = "failed"  # the server failed (class in ``failure``) or the load broke
+STATE_PRUNED = "pruned"  # a sampled candidate the bounds rule out: never launched
+
+
+def finite(value: Any) -> float | None:
+    """A JSON number as a float; None for anything else (None, bools, strings, NaN, inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One candidate's trial.
+
+    ``rate_search`` holds every measured load point (``RateSearchResult.to_json()``): its
+    summary in ``vllm bench serve`` field names, whether the SLO held, and the server's own
+    figures scraped from /metrics (``server``: peak KV usage, preemptions, max running/waiting,
+    and the sampled time series under ``series``). ``best`` is the chosen point's summary with
+    its ``rate`` (None for closed loop). ``estimate`` holds the figures that ranked the
+    candidate (predicted_tokens_per_s, kv_capacity_tokens, max_concurrency,
+    roofline_knee_batch, weight_bytes). ``server_info`` is what vLLM reported at start
+    (kv_cache_size_tokens, max_concurrency, vllm_version, startup_s).
+    """
+
+    name: str
+    knobs: dict[str, Any]
+    state: str
+    objective: float | None = None
+    number: int | None = None
+    baseline: bool = False
+    variant: str = "none"
+    vllm_args: list[str] = field(default_factory=list)
+    estimate: dict[str, Any] = field(default_factory=dict)
+    server_info: dict[str, Any] | None = None
+    rate_search: dict[str, Any] | None = None
+    best: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
+    engine_time_s: float = 0.0
+    log_path: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrialRecord:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    # Aggregates over the trial's points: computed here, read by every output.
+
+    @property
+    def points(self) -> list[dict[str, Any]]:
+        """The measured load points (``rate_search["points"]``), in measuring order."""
+        raw = _dict(self.rate_search).get("points")
+        return [p for p in raw if isinstance(p, dict) and p] if isinstance(raw, list) else []
+
+    def _server_values(self, key: str) -> list[float]:
+        values = (finite(_dict(p.get("server")).get(key)) for p in self.points)
+        return [v for v in values if v is not None]
+
+    @property
+    def peak_kv(self) -> float | None:
+        """vLLM's peak KV-cache usage (0..1) over all the points; None when never scraped."""
+        values = self._server_values("peak_kv_cache_usage")
+        return max(values) if values else None
+
+    @property
+    def preemptions(self) -> float | None:
+        """vLLM's preemptions summed over all the points; None when never scraped."""
+        values = self._server_values("preemptions")
+        return sum(values) if values else None
+
+    @property
+    def max_output_throughput(self) -> float | None:
+        """The highest output tokens/s measured at any point (the SLO aside)."""
+        values = [finite(_dict(p.get("summary")).get("output_throughput")) for p in self.points]
+        known = [v for v in values if v is not None]
+        return max(known) if known else None
+
+    @property
+    def failure_class(self) -> str | None:
+        value = _dict(self.failure).get("class")
+        return None if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class Finalist:
+    """A finalist re-measured ``n`` times (its first trial included): mean and a 95 % CI."""
+
+    name: str
+    samples: tuple[float, ...]
+    mean: float
+    ci_low: float
+    ci_high: float
+
+    @classmethod
+    def of(cls, name: str, samples: list[float]) -> Finalist:
+        mean, half = mean_ci(samples)
+        return cls(name, tuple(samples), mean, mean - half, mean + half)
+
+    def overlaps(self, other: Finalist) -> bool:
+        return self.ci_low <= other.ci_high and other.ci_low <= self.ci_high
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["samples"] = list(self.samples)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Finalist:
+        raw = data.get("samples")
+        listed = raw if isinstance(raw, list) else []
+        samples = [
+            float(v) for v in listed if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        figures = [data.get(k) for k in ("mean", "ci_low", "ci_high")]
+        name = str(data.get("name", "?"))
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in figures):
+            return cls.of(name, samples)  # a record without the figures: recomputed
+        mean, low, high = (float(v) for v in figures)
+        return cls(name, tuple(samples), mean, low, high)
