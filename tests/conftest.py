@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,9 @@ SERVER_KV_BYTES = 300_000_000  # deliberately not a whole number of 128-token bl
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)
+    # A `vtune probe` cached on this machine would change every estimate: tests (and the
+    # processes they start) read and write probe results in a scratch directory instead.
+    os.environ.setdefault("VTUNE_PROBE_DIR", tempfile.mkdtemp(prefix="vtune-probe-"))
 
 
 @pytest.fixture(scope="session")

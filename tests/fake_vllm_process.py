@@ -8,7 +8,10 @@ Run it through ``tests/bin/fake-vllm-python`` given as ``--vllm-python``. Enviro
 ``FAKE_VLLM_TOKEN_S`` (latency; the per-token delay grows with the requests in flight beyond
 ``--max-num-seqs``, so throughput responds to batching), ``FAKE_VLLM_FAIL`` (``oom`` or
 ``unsupported``: log vLLM's message for that failure and exit 1), ``VLLM_API_KEY`` (require
-``Authorization: Bearer KEY``, answer 401 otherwise, as vLLM does).
+``Authorization: Bearer KEY``, answer 401 otherwise, as vLLM does), ``FAKE_VLLM_SHM=1`` (map a
+/dev/shm file, logged as ``shm PATH``, removed on a clean exit). The log says ``fake vLLM:
+first request`` when the load begins. ``/metrics`` counts prefix
+cache queries and hits as vLLM does (off with ``--no-enable-prefix-caching``).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiohttp import web  # noqa: E402
+from aiohttp import web
 
-from tests.fakes import Behaviour, FakeServer  # noqa: E402
+from tests.fakes import Behaviour, FakeServer
 
 FAILURES = {
     "oom": "ValueError: No available memory for the cache blocks. Try increasing "
@@ -41,28 +44,41 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
     p.add_argument("--served-model-name", default=None)
+    # vLLM V1 caches prefixes unless told not to (--no-enable-prefix-caching).
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     args, _ = p.parse_known_args(argv)
     return args
 
 
 async def _serve(args: argparse.Namespace) -> None:
     env = os.environ
+    shm = _map_shm() if env.get("FAKE_VLLM_SHM") else None  # mapped early, as vLLM does
     await asyncio.sleep(float(env.get("FAKE_VLLM_STARTUP_S", "0.5")))
     behaviour = Behaviour(
         ttft_s=float(env.get("FAKE_VLLM_TTFT_S", "0.01")),
         token_delay_s=float(env.get("FAKE_VLLM_TOKEN_S", "0.002")),
         text="a",
     )
-    fake = FakeServer(behaviour, model=args.served_model_name or args.model)
+    fake = FakeServer(
+        behaviour,
+        model=args.served_model_name or args.model,
+        prefix_caching=args.enable_prefix_caching,
+    )
     key = env.get("VLLM_API_KEY")
+    loaded: list[bool] = []
 
     @web.middleware
     async def auth(request: web.Request, handler):  # type: ignore[no-untyped-def]
-        if key and request.path.startswith("/v1") and (
-            request.headers.get("Authorization") != f"Bearer {key}"
+        if (
+            key
+            and request.path.startswith("/v1")
+            and (request.headers.get("Authorization") != f"Bearer {key}")
         ):
             return web.json_response({"error": "Unauthorized"}, status=401)
         if request.path.startswith("/v1/") and request.method == "POST":
+            if not loaded:
+                loaded.append(True)
+                print("fake vLLM: first request", flush=True)  # "under load" for fault tests
             # Past max_num_seqs in flight, requests queue: slower tokens, as a saturated engine.
             over = max(0, fake.stats.in_flight - args.max_num_seqs)
             fake.behaviour.token_delay_s = behaviour.token_delay_s * (1 + over)
@@ -90,6 +106,25 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await runner.cleanup()
+    if shm is not None:
+        os.unlink(shm)  # a clean exit removes it, as vLLM's resource tracker does
+
+
+def _map_shm() -> str:
+    """Map a /dev/shm file as vLLM's message queues do (``FAKE_VLLM_SHM=1``): a SIGKILLed
+    server leaves it behind unless whoever kills it unlinks it. Logged as ``shm PATH``."""
+    import mmap
+
+    path = f"/dev/shm/fake-vllm-{os.getpid()}"
+    with open(path, "wb") as fh:
+        fh.truncate(4096)
+    with open(path, "r+b") as fh:
+        _MAPPED.append(mmap.mmap(fh.fileno(), 4096))
+    print(f"shm {path}", flush=True)
+    return path
+
+
+_MAPPED: list[object] = []
 
 
 def main(argv: list[str]) -> int:

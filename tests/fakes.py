@@ -53,6 +53,8 @@ class Stats:
     peak_in_flight: int = 0
     bodies: list[dict] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    prefix_queries: int = 0  # prompt tokens looked up in the fake prefix cache
+    prefix_hits: int = 0  # ... and found there (whole 16-token blocks behind the same blocks)
 
 
 METRICS_TEMPLATE = """\
@@ -71,15 +73,26 @@ vllm:num_preemptions_total{{engine="0",model_name="fake"}} 0.0
 # HELP vllm:generation_tokens_total Number of generation tokens processed.
 # TYPE vllm:generation_tokens_total counter
 vllm:generation_tokens_total{{engine="0",model_name="fake"}} {tokens}
+# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{{engine="0",model_name="fake"}} {prefix_queries}
+# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{{engine="0",model_name="fake"}} {prefix_hits}
 """
+PREFIX_BLOCK = 16  # tokens per block of the fake prefix cache
 
 
 class FakeServer:
     """Async context manager running the fake on 127.0.0.1 (a free port) in the current loop."""
 
-    def __init__(self, behaviour: Behaviour | None = None, model: str = "fake") -> None:
+    def __init__(
+        self, behaviour: Behaviour | None = None, model: str = "fake", prefix_caching: bool = True
+    ) -> None:
         self.behaviour = behaviour or Behaviour()
         self.model = model
+        self.prefix_caching = prefix_caching
+        self._cached: set[int] = set()
         self.stats = Stats()
         self.url = ""
         self.metrics_status = 200
@@ -121,6 +134,8 @@ class FakeServer:
             running=float(self.stats.in_flight),
             kv=min(1.0, self.stats.in_flight / 10),
             tokens=float(self.stats.tokens),
+            prefix_queries=float(self.stats.prefix_queries),
+            prefix_hits=float(self.stats.prefix_hits),
         )
         return web.Response(text=text, content_type="text/plain")
 
@@ -139,6 +154,7 @@ class FakeServer:
         n = body.get("max_completion_tokens" if chat else "max_tokens") or 16
         prompt = body.get("prompt", "")
         prompt_len = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
+        self._look_up(prompt if isinstance(prompt, list) else _words(body, chat))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         st.in_flight += 1
@@ -149,6 +165,20 @@ class FakeServer:
             return resp
         finally:
             st.in_flight -= 1
+
+    def _look_up(self, tokens: list) -> None:
+        """Count the prompt in the fake prefix cache (as vLLM's counters do, in tokens): full
+        blocks found behind the same blocks are hits; every full block is cached afterwards."""
+        st = self.stats
+        st.prefix_queries += len(tokens)
+        if not self.prefix_caching:
+            return
+        key, hit = 0, True
+        for start in range(0, len(tokens) - PREFIX_BLOCK + 1, PREFIX_BLOCK):
+            key = hash((key, tuple(tokens[start : start + PREFIX_BLOCK])))
+            hit = hit and key in self._cached
+            st.prefix_hits += PREFIX_BLOCK if hit else 0
+            self._cached.add(key)
 
     async def _stream(
         self,
@@ -220,6 +250,14 @@ class FakeServer:
         for part in (data[:cut], data[cut:-1], data[-1:]):
             await resp.write(part)
             await asyncio.sleep(0.0005)  # let each part leave as its own TCP segment
+
+
+def _words(body: dict, chat: bool) -> list[str]:
+    """A text prompt's words (a chat request's message contents), the fake's tokens."""
+    if not chat:
+        return str(body.get("prompt", "")).split()
+    messages = body.get("messages") or []
+    return [w for m in messages if isinstance(m, dict) for w in str(m.get("content", "")).split()]
 
 
 def _chat_chunk(delta: dict[str, str]) -> str:

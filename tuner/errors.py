@@ -6,6 +6,8 @@ by ``tuner.cli``; nothing else in the package turns errors into exit codes.
 
 from __future__ import annotations
 
+import signal
+
 
 class VtuneError(Exception):
     """A mistake in the user's input or environment; the message is the one line shown."""
@@ -41,3 +43,25 @@ class EngineError(VtuneError):
 
 class StorageError(VtuneError):
     """A study storage that cannot be opened."""
+
+
+class EnvironmentFailedError(VtuneError):
+    """The machine, not the candidate, failed a trial (vLLM not found, a start-up timeout, a
+    port in use, memory taken by another process, the guard killed, every request refused):
+    the search stops, keeping every finished trial, so that a rerun after the fix goes on."""
+
+
+class Interrupted(BaseException):
+    """A stop request (SIGTERM, or SIGINT) ended the run. Not an error: the CLI prints one
+    line and exits with 128 + ``signum``. A BaseException, so that ``except Exception``
+    (a trial's own error handling) lets it through. ``hint`` is what the CLI adds to its
+    line (what was kept, how to resume)."""
+
+    def __init__(self, signum: int, hint: str = "") -> None:
+        try:
+            self.name = signal.Signals(signum).name
+        except ValueError:
+            self.name = f"signal {signum}"
+        super().__init__(f"interrupted by {self.name}")
+        self.signum = signum
+        self.hint = hint

@@ -125,6 +125,74 @@ def test_bench_starts_measures_writes_and_stops(tiny_model_dir: Path, tmp_path: 
     assert _marked(mark) == [], "vLLM outlived vtune bench"
 
 
+def test_bench_watches_the_vllm_tree_and_prometheus_scrapes_the_knee_gauges(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Issue 12: a probe is cached; `vtune bench` samples the vLLM process tree through the
+    measured window (CPU % > 0 for the vLLM processes), places the point on the roofline
+    against the probed peaks, and pushes the gauges, which a real Prometheus then holds."""
+    from tests.prom import running_prometheus, running_pushgateway
+    from tuner.analytic.roofline import REGIMES
+
+    monkeypatch.setenv("VTUNE_PROBE_DIR", str(tmp_path / "probe"))
+    mark = uuid.uuid4().hex
+    probed = _vtune(["probe", "--gpu", "cpu", "--json"], mark, timeout=120)
+    assert probed.returncode == 0, probed.stderr[-2000:]
+    bandwidth = json.loads(probed.stdout)["probe"]["memory_bandwidth"]
+    out = tmp_path / "knee.json"
+    with running_pushgateway() as gw, running_prometheus({"pushgateway": [gw.address]}) as prom:
+        proc = _vtune(
+            [
+                "bench",
+                "--model",
+                str(tiny_model_dir),
+                "--gpu",
+                "cpu",
+                "--engine-arg",
+                "enforce_eager",
+                "--engine-arg",
+                "max_num_seqs=8",
+                "--num-prompts",
+                "48",
+                "--input-len",
+                "32",
+                "--output-len",
+                "32",
+                "--concurrency",
+                "8",
+                "--pushgateway",
+                gw.url,
+                "--json",
+                str(out),
+            ],
+            mark,
+            timeout=400,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        data = json.loads(out.read_text())
+        tel = data["telemetry"]
+        assert tel["device"] == "cpu" and tel["errors"] == 0, tel
+        assert tel["samples"] >= 0.3 * data["duration"] / tel["period_s"]  # two busy cores
+        assert tel["mean"]["cpu_percent_total"] > 0 and tel["max"]["num_processes"] >= 3
+        per_process = {k: v for k, v in tel["mean"].items() if k.endswith("/cpu_percent")}
+        assert len(per_process) >= 3 and max(per_process.values()) > 0, per_process
+        assert len(tel["series"]) >= 2
+        roof = data["roofline"]
+        assert roof["regime"] in REGIMES and roof["batch_source"] == "server"
+        assert 0 < roof["batch"] <= 8 and roof["bandwidth_fraction"] > 0
+        assert data["peaks"]["source"] == "probe" and data["peaks"]["memory_bandwidth"] == bandwidth
+        assert roof["peak_bandwidth_bytes_per_s"] == bandwidth
+
+        job = 'job="vtune-bench"'
+        cpu = prom.wait_for(f"vtune_telemetry_cpu_percent{{{job}}} > 0")
+        assert float(cpu[0]["value"][1]) == pytest.approx(tel["mean"]["cpu_percent_total"])
+        prom.wait_for(f'vtune_regime{{{job},regime="{roof["regime"]}"}} == 1')
+        fraction = prom.wait_for(f"vtune_bandwidth_fraction{{{job}}}")
+        assert float(fraction[0]["value"][1]) == pytest.approx(roof["bandwidth_fraction"])
+        prom.wait_for(f"vtune_flops_fraction{{{job}}} > 0")
+    assert _marked(mark) == [], "vLLM outlived vtune bench"
+
+
 def test_server_killed_mid_run_gives_a_partial_crashed_result(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -29,18 +29,20 @@ def _option(command: str, flag: str) -> click.Option:
 OPTIONS = {
     "estimate": "--model --gpu --max-model-len --context-len --quantization --kv-cache-dtype "
     "--gpu-memory-utilization --max-num-batched-tokens --max-num-seqs --block-size "
-    "--kv-cache-memory-bytes --tensor-parallel-size --explain --json --list-models",
+    "--kv-cache-memory-bytes --tensor-parallel-size --explain --datasheet --calibration --json "
+    "--list-models",
     "gpus": "--json --wide",
-    "bench": "--input-len --output-len --dataset --prefix-len --num-prefixes --endpoint --model "
+    "bench": "--input-len --output-len --dataset --time-scale --prefix-len --num-prefixes --endpoint --model "
     "--gpu --engine-arg --url --served-model-name --tokenizer --rate --burstiness --concurrency "
     "--num-prompts --duration --warmup --timeout --slo --json --api-key --seed --port "
-    "--startup-timeout --no-scrape --metrics-port --metrics-host --pushgateway",
-    "search": "--input-len --output-len --dataset --prefix-len --num-prefixes --endpoint --model "
+    "--startup-timeout --no-scrape --dcgm-url --telemetry-period --metrics-port --metrics-host "
+    "--pushgateway",
+    "search": "--input-len --output-len --dataset --time-scale --prefix-len --num-prefixes --endpoint --model "
     "--gpu --slo --objective --rate --budget --time-budget --param --space --variant "
     "--build-variants --max-quality-loss --calib --engine-arg --max-model-len "
     "--kv-cache-memory-bytes --finalists --repeats --sampler --pareto --seconds-per-point "
-    "--iterations --storage --out --seed --dry-run --startup-timeout --vllm-python "
-    "--metrics-port --metrics-host --pushgateway",
+    "--iterations --storage --out --seed --dry-run --all --json --startup-timeout --vllm-python "
+    "--dcgm-url --telemetry-period --metrics-port --metrics-host --pushgateway",
     "quantize": "--model --method --out --bits --group-size --calib --calib-seq-len "
     "--calib-blocks --gpu --json",
     "tiny-model": "--out --seed",

@@ -22,10 +22,14 @@ from tuner.outputs.k8s import (
     PROFILE_PATH,
     ServingSpec,
     default_name,
+    device_warnings,
     dump_manifests,
     gpus_for,
     image_for_version,
+    is_local_path,
+    measured_on,
     render_serving,
+    with_model,
 )
 from tuner.outputs.prometheus import SearchExporter
 from tuner.outputs.prometheus_bench import BenchExporter
@@ -165,7 +169,8 @@ def test_stdout_and_json_record_argument(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    docs = by_kind(list(yaml.safe_load_all(result.output)))
+    assert "a path on the tuning machine" in result.stderr  # model: /m/tiny
+    docs = by_kind(list(yaml.safe_load_all(result.stdout)))
     assert docs["ConfigMap"]["data"]["profile.yaml"] == yaml_path.read_text()
     assert docs["Deployment"]["metadata"]["namespace"] == "tuning"
     assert docs["Deployment"]["spec"]["replicas"] == 2
@@ -219,7 +224,10 @@ def test_dockerfile_pins_vllm_and_runs_vtune():
     assert image.startswith("vllm/vllm-openai:v") and not image.endswith(":latest")
     assert re.search(r"^FROM \$\{VLLM_IMAGE\}", text, re.M)
     assert "COPY tuner ./tuner" in text and "pip install" in text
-    assert 'ENTRYPOINT ["vtune"]' in text
+    # vtune under an init (tini reaps orphans, forwards SIGTERM); vtune stops cleanly as PID 1
+    # without one too (tests/faults/test_interrupt.py).
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "vtune"]' in text and "install" in text
+    assert re.search(r"apt-get install .*\btini\b", text)
 
 
 def promtool() -> str:
@@ -339,3 +347,105 @@ def test_dashboard_promql_parses(tmp_path):
         [promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- where a profile was measured, and a model the cluster cannot see (issue 16) ---------------
+
+CPU_PROFILE = (
+    "# vtune 0.1.0 profile for /home/me/tiny on cpu (vLLM 0.32.0+cpu)\n"
+    "# Load: `vllm serve --config cpu.yaml`\n"
+    "model: /home/me/tiny\n"
+    "kv-cache-memory-bytes: 1073741824\n"
+    "max-num-seqs: 16\n"
+)
+
+
+def deploy_run(*args: str):
+    result = CliRunner().invoke(cli, ["deploy", *args])
+    assert result.exit_code == 0, result.output
+    return result, by_kind(list(yaml.safe_load_all(result.stdout)))
+
+
+def warnings_of(result) -> list[str]:
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("vtune: warning: ") for line in lines), lines
+    return lines
+
+
+def test_a_cpu_profile_deployed_to_gpus_says_so_in_one_line(tmp_path):
+    """The demo's profile (vLLM's CPU build, a local model directory): rendering it as a GPU
+    Deployment names both problems, one line each, and still renders."""
+    yaml_path, _ = write_profile(
+        tmp_path / "cpu.yaml",
+        {"model": "/home/me/tiny", "kv-cache-memory-bytes": 1 << 30},
+        ["vtune 0.1.0 profile for /home/me/tiny on cpu (vLLM 0.32.0+cpu)"],
+        SearchRecord.from_json(
+            {"schema": "vtune.search/2", "gpu": {"name": "cpu"}, "vllm_version": "0.32.0+cpu"}
+        ).to_json(),
+    )
+    result, docs = deploy_run(str(yaml_path))
+    path, device = warnings_of(result)  # the model line first, then the device
+    assert "measured on cpu (vLLM's CPU build)" in device
+    assert "requests 1 NVIDIA GPU" in device and "vllm/vllm-openai:v0.32.0" in device
+    assert "/home/me/tiny" in path and "cluster cannot see" in path and "--model" in path
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # rendered all the same
+
+
+def test_model_override_and_cpu_target_silence_the_warnings(tmp_path):
+    profile = tmp_path / "cpu.yaml"
+    profile.write_text(CPU_PROFILE)  # no record beside it: the header says "on cpu"
+    result, docs = deploy_run(str(profile))
+    assert len(warnings_of(result)) == 2
+    result, docs = deploy_run(str(profile), "--model", "Qwen/Qwen2.5-0.5B", "--gpus", "0")
+    assert warnings_of(result) == []
+    text = docs["ConfigMap"]["data"]["profile.yaml"]
+    assert text == CPU_PROFILE.replace("model: /home/me/tiny", "model: Qwen/Qwen2.5-0.5B")
+    assert yaml.safe_load(text)["model"] == "Qwen/Qwen2.5-0.5B"
+    assert docs["Deployment"]["metadata"]["name"] == "vllm-qwen2-5-0-5b"
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {}
+    assert "serves Qwen/Qwen2.5-0.5B" in result.stdout.splitlines()[0]
+
+
+def test_a_gpu_profile_deployed_without_gpus_says_so(tmp_path):
+    yaml_path, _ = write_profile(
+        tmp_path / "h100.yaml",
+        CONFIG,
+        HEADER,
+        SearchRecord.from_json({"schema": "vtune.search/2", "gpu": {"name": "h100-sxm"}}).to_json(),
+    )
+    result, _ = deploy_run(str(yaml_path))
+    assert warnings_of(result) == []  # an HF id on the GPU it was measured on: nothing to say
+    result, _ = deploy_run(str(yaml_path), "--gpus", "0")
+    [line] = warnings_of(result)
+    assert "measured on h100-sxm (a GPU)" in line and "requests no GPU" in line
+
+
+def test_profile_helpers():
+    assert measured_on(CPU_PROFILE) == "cpu"
+    assert measured_on("# vtune 0.1.0 profile for a on b on h100 (vLLM ?)\nmodel: m\n") == "h100"
+    assert measured_on("model: m\n") is None
+    assert [is_local_path(m) for m in ("/m", "./m", "../m", "~/m", "org/m", "m")] == [
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert with_model("model: a\nx: 1\n", "org/b: c") == "model: 'org/b: c'\nx: 1\n"
+    assert device_warnings(None, 1, "img") == [] and device_warnings("nope", 0, "img") == []
+    with pytest.raises(ParameterError, match="'model:' line is not plain"):
+        with_model("{model: a}\n", "b")
+
+
+def test_a_model_override_that_cannot_be_applied_is_one_line(tmp_path, capsys):
+    from tuner.cli import main
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text("{model: a, max-num-seqs: 8}\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["deploy", str(profile), "--model", "b"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "not plain" in err, err

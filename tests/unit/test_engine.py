@@ -7,23 +7,31 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tuner.engine import server as engine
-from tuner.engine.guard import group_members
+from tuner.engine.guard import group_members, listening_inodes, socket_inodes
 from tuner.engine.log import (
     classify_failure,
+    environment_failure,
+    memory_taken,
+    outside_stop,
     parse_cache_config_info,
     parse_kv_cache_log,
     parse_prometheus_labels,
     redact_argv,
 )
+from tuner.engine.logfile import create_log, private_log_dir, reopen_log
 from tuner.engine.server import (
     EngineSettings,
     FailureClass,
@@ -296,6 +304,7 @@ FAKE_VLLM = textwrap.dedent(
     import http.server, json, os, signal, subprocess, sys, threading, time
     mode, args = sys.argv[1], sys.argv[2:]
     host, port = args[args.index("--host") + 1], int(args[args.index("--port") + 1])
+    model = args[args.index("--model") + 1]  # served as /v1/models' id, as vLLM does
     print("fake vllm argv:", " ".join(args), flush=True)
     if mode == "exit_oom":
         print("(VllmWorker-0 pid=1) ERROR 11-25 20:56:54 [x.py:1] ValueError: Available memory on "
@@ -311,6 +320,8 @@ FAKE_VLLM = textwrap.dedent(
     with open(shm_path, "r+b") as fh:
         shm = mmap.mmap(fh.fileno(), 4096)
     print(f"shm {shm_path}", flush=True)
+    if mode == "late":  # answers only after a while (vLLM binds its port early, loads, serves)
+        time.sleep(2.0)
     if mode in ("never", "ignore_term"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if mode == "never":
@@ -321,7 +332,7 @@ FAKE_VLLM = textwrap.dedent(
                'kv_cache_size_tokens="4096",num_gpu_blocks="32"} 1.0\n')
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            models = '{"data":[{"id":"fake-model","max_model_len":2048}]}'
+            models = json.dumps({"data": [{"id": model, "max_model_len": 2048}]})
             body = {"/health": "", "/version": '{"version":"0.0.fake"}', "/metrics": METRICS,
                     "/v1/models": models}.get(self.path)
             self.send_response(404 if body is None else 200)
@@ -513,13 +524,17 @@ DRIVER = textwrap.dedent(
     """
     import sys, time
     from tuner.engine.server import EngineSettings, LaunchConfig, VllmServer
+    from tuner.errors import Interrupted
     script, mode, log_dir = sys.argv[1:4]
     launch = LaunchConfig(command=(sys.executable, script, mode), device="cpu", log_dir=log_dir,
                           stop_grace_s=1.0)
     server = VllmServer(EngineSettings("m"), launch)
     server.start()
     print(server.pid, flush=True)
-    time.sleep(600)
+    try:
+        time.sleep(600)
+    except Interrupted as exc:
+        sys.exit(128 + exc.signum)
     """
 )
 
@@ -527,7 +542,7 @@ DRIVER = textwrap.dedent(
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_no_orphans_when_vtune_is_killed(fake, tmp_path: Path, sig: int) -> None:
     """SIGKILL: the guard's parent-death signal cleans up. SIGTERM: vtune's handler does, then
-    exits by the same signal."""
+    ends the run (``Interrupted``, exit 128 + 15)."""
     fake("ok")  # writes the script
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -541,8 +556,148 @@ def test_no_orphans_when_vtune_is_killed(fake, tmp_path: Path, sig: int) -> None
     pgid = int(proc.stdout.readline())
     assert len(group_members(pgid)) >= 3  # guard, fake server, grandchild
     proc.send_signal(sig)
-    assert proc.wait(10) == -sig
+    assert proc.wait(10) == (-sig if sig == signal.SIGKILL else 128 + sig)
     deadline = time.monotonic() + 10
     while group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert group_members(pgid) == []
+
+
+# --- environment failures, the guard killed alone, another worker's port, private logs ---------
+
+
+def test_failure_classes_split_the_candidate_from_the_environment() -> None:
+    candidate = {c for c in FailureClass if not c.environment}
+    assert candidate == {FailureClass.OOM, FailureClass.INVALID_OPTION, FailureClass.UNSUPPORTED}
+    for value in ("health_timeout", "port_in_use", "load_crash", "crashed", "killed"):
+        assert environment_failure(value)
+    assert environment_failure("requests_failed") and environment_failure(None)
+    assert not environment_failure("oom") and not environment_failure("OOM")
+    gpu = (
+        "ValueError: Free memory on device cuda:0 (1.2/79.1 GiB) on startup is less than desired "
+        "GPU memory utilization (0.9, 71.2 GiB). Decrease GPU memory utilization or reduce GPU "
+        "memory used by other processes."
+    )
+    assert memory_taken(gpu) and memory_taken(LOGS["gmu"]) and not memory_taken(LOGS["kvbig"])
+    assert not memory_taken("CUDA out of memory")
+
+
+def test_outside_stop_reads_the_exit_status_and_the_guards_line() -> None:
+    assert outside_stop("", -9) == "was killed by SIGKILL from outside vtune"
+    said = "INFO serving\nvtune guard: stopping vLLM: received SIGTERM\n"
+    assert outside_stop(said, 0) == "was stopped from outside vtune (received SIGTERM)"
+    assert outside_stop("ERROR boom\n", 1) is None and outside_stop("", None) is None
+
+
+def _wait_dead(server: VllmServer, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not server.alive()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_guard_stopped_from_outside_is_an_environment_failure(fake, sig: int) -> None:
+    """Someone kills (or terminates) only the guard: vLLM did not crash, and the candidate is
+    not to blame; the group (vLLM orphaned by a SIGKILLed guard included) still goes."""
+    server = fake("ok")
+    with server:
+        gc = _grandchild(server)
+        os.kill(server.pid, sig)
+        _wait_dead(server)
+        failure = server.poll_failure()
+        assert failure is not None and failure.failure_class is FailureClass.KILLED
+        assert failure.failure_class.environment and "from outside vtune" in failure.message
+        assert signal.Signals(sig).name in failure.message
+    assert server.survivors == [] and not _alive(gc) and group_members(server.pid) == []
+
+
+def test_listening_sockets_are_found_with_their_holder() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        found = listening_inodes(port)
+        assert found and found <= socket_inodes([os.getpid()])
+    assert listening_inodes(port) == set()
+
+
+class _Other(BaseHTTPRequestHandler):
+    """Another worker's server: healthy, serving another model."""
+
+    def do_GET(self) -> None:
+        body = b'{"data":[{"id":"other-model"}]}' if self.path == "/v1/models" else b""
+        self.send_response(200 if self.path in ("/health", "/v1/models") else 404)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("evidence", ["listener", "model"])
+def test_port_answered_by_another_worker_is_retried(fake, monkeypatch, evidence: str) -> None:
+    """Two workers picked the same free port: the other one's server answers our /health while
+    ours still starts. Seen (the socket is not our group's, or /v1/models names another model),
+    the start moves to another port instead of measuring the other worker's vLLM."""
+    other = ThreadingHTTPServer(("127.0.0.1", 0), _Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    taken = other.server_address[1]
+    ports = iter([taken, find_free_port()])
+    monkeypatch.setattr(engine, "find_free_port", lambda host: next(ports))
+    monkeypatch.setattr(engine, "port_free", lambda host, port: True)  # free when checked
+    if evidence == "model":
+        monkeypatch.setattr(engine, "foreign_listeners", lambda port, pgid: False)
+    seen: list[str | None] = []
+    stranger = VllmServer._stranger
+    monkeypatch.setattr(
+        VllmServer, "_stranger", lambda s, i: seen.append(stranger(s, i)) or seen[-1]
+    )
+    try:
+        with fake("late") as server:
+            assert server.port != taken and server.info is not None
+            assert server.info.model == "fake-model"
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert seen[-1] is None and seen[0] is not None and str(taken) in seen[0]
+    assert ("outside this vLLM" if evidence == "listener" else "'other-model'") in seen[0]
+
+
+def test_logs_go_to_a_private_directory_and_never_through_a_link(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    logs = private_log_dir()
+    assert logs == tmp_path / f"vtune-logs-{os.getuid()}"
+    assert stat.S_IMODE(logs.stat().st_mode) == 0o700
+    server = VllmServer(EngineSettings("m"), LaunchConfig(command=("true",), device="cpu"))
+    assert server.log_path.parent == logs
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    planted = logs / "trial.log"
+    planted.symlink_to(victim)
+    log, path = create_log(planted)  # the name is taken: the next free one, never the link
+    with log:
+        log.write("ours")
+    assert path == logs / "trial.1.log" and path.read_text() == "ours"
+    assert victim.read_text() == "keep"
+    with pytest.raises(EngineError, match="cannot write"):
+        reopen_log(planted)  # O_NOFOLLOW
+    logs.chmod(0o755)
+    with pytest.raises(EngineError, match="not a private directory"):
+        private_log_dir()
+    logs.chmod(0o700)
+    os.rename(logs, tmp_path / "elsewhere")
+    logs.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(EngineError, match="not a private directory"):
+        private_log_dir()
+
+
+def test_a_port_retry_rewrites_its_own_log_and_a_rerun_keeps_the_old_one(fake) -> None:
+    server = fake("ok")
+    with server:
+        first = server.log_path
+    again = VllmServer(server.settings, server.launch, log_path=first)
+    with again:
+        pass
+    assert again.log_path == first.with_name(first.name.removesuffix(".log") + ".1.log")
+    assert first.read_text().startswith("# vtune:") and again.log_path.read_text()

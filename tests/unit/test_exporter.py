@@ -1,5 +1,6 @@
 """The Prometheus exporter: metric values from observer calls, the HTTP endpoint, bad ports,
-an unreachable Pushgateway, and the bench's histograms."""
+an unreachable Pushgateway, Pushgateway credentials (basic auth, never shown), and the bench's
+histograms."""
 
 from __future__ import annotations
 
@@ -266,6 +267,94 @@ def test_pushgateway_url_checked():
         Pushgateway("ftp://x")
     with pytest.raises(ParameterError):
         Pushgateway("http://")
+
+
+class _Gateway:
+    """A small HTTP server standing in for a Pushgateway: records each request's method, path
+    and headers, and answers ``status``."""
+
+    def __init__(self, status: int = 200) -> None:
+        import http.server
+        import threading
+
+        seen: list[tuple[str, str, dict[str, str]]] = []
+        self.seen = seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                seen.append((self.command, self.path, dict(self.headers)))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def gateway():
+    made: list[_Gateway] = []
+
+    def make(status: int = 200) -> _Gateway:
+        made.append(_Gateway(status))
+        return made[-1]
+
+    yield make
+    for g in made:
+        g.close()
+
+
+def test_pushgateway_credentials_go_to_basic_auth_not_the_host(gateway) -> None:
+    import base64
+
+    gw = gateway()
+    push = Pushgateway(f"http://vtune:p%40ss:w0rd@127.0.0.1:{gw.port}", job="t", timeout_s=5)
+    assert push.url == f"http://127.0.0.1:{gw.port}"
+    assert push.shown == f"http://vtune:***@127.0.0.1:{gw.port}"
+    assert push.push(SearchExporter().registry) and push.failures == 0
+    ((method, path, headers),) = gw.seen
+    assert method == "PUT" and path == "/metrics/job/t"
+    assert headers["Host"] == f"127.0.0.1:{gw.port}"
+    expected = base64.b64encode(b"vtune:p@ss:w0rd").decode()
+    assert headers["Authorization"] == f"Basic {expected}"
+
+
+def test_a_push_without_credentials_sends_no_authorization(gateway) -> None:
+    gw = gateway()
+    assert Pushgateway(f"http://127.0.0.1:{gw.port}", job="t").push(SearchExporter().registry)
+    ((_, _, headers),) = gw.seen
+    assert "Authorization" not in headers
+
+
+def test_a_refused_push_warns_without_the_password(gateway, caplog) -> None:
+    gw = gateway(status=401)
+    push = Pushgateway(f"http://vtune:CANARY-5e1f@127.0.0.1:{gw.port}", job="t", timeout_s=5)
+    caplog.set_level(logging.DEBUG, logger="tuner.outputs.prometheus_serve")
+    assert not push.push(SearchExporter().registry) and push.failures == 1
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"http://vtune:***@127.0.0.1:{gw.port} refused the push" in warning
+    assert "(HTTP 401 Unauthorized)" in warning
+    assert all("CANARY" not in r.getMessage() for r in caplog.records)
+
+
+def test_a_bad_pushgateway_url_is_one_line_without_the_password() -> None:
+    with pytest.raises(ParameterError) as bad:
+        Pushgateway("ftp://vtune:CANARY-77aa@host:9091")
+    assert "CANARY" not in str(bad.value) and "vtune:***@host:9091" in str(bad.value)
+    with pytest.raises(ParameterError) as bad:
+        Pushgateway("http://vtune:CANARY-77aa@host:port")
+    assert "CANARY" not in str(bad.value)
 
 
 def rec(i: int, start: float, ttft: float, gaps: list[float], error: str | None = None):

@@ -31,6 +31,7 @@ TINY = ProbeSizes(copy_bytes=1 << 20, matmul_n=64, repeats=1)
 
 @pytest.fixture
 def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("VTUNE_PROBE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     return tmp_path
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
+from tuner.engine import interrupt
+from tuner.errors import EnvironmentFailedError, Interrupted
 from tuner.plan.prune import Planned, Target, Variant, plan
 from tuner.plan.space import Space
-from tuner.search.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
+from tuner.search import runner as runner_mod
+from tuner.search.record import STATE_COMPLETE, STATE_FAILED, Finalist, TrialRecord
 from tuner.search.runner import Search, SearchSettings, TrialStore, make_sampler, queue_all
 from tuner.search.study import finished_records, open_study, storage_url
 from tuner.specs.gpu import get_gpu
@@ -17,12 +24,18 @@ from tuner.specs.model import load_model
 
 class FakeRunner:
     """Objective = 100 x max_num_seqs (vLLM default 128 for the baseline); optional failures
-    and an optional interrupt after N trials (like Ctrl-C)."""
+    (``fail``: the candidate's OOM; ``env``: the environment's, a start-up timeout) and an
+    optional interrupt after N trials (like Ctrl-C)."""
 
     def __init__(
-        self, fail: set[int] = frozenset(), interrupt_after: int | None = None, noise: float = 0.0
+        self,
+        fail: set[int] = frozenset(),
+        interrupt_after: int | None = None,
+        noise: float = 0.0,
+        env: set[int] = frozenset(),
     ) -> None:
         self.fail, self.interrupt_after, self.noise = fail, interrupt_after, noise
+        self.env = env
         self.measured: list[str] = []
         self.remeasured: list[str] = []
 
@@ -32,6 +45,16 @@ class FakeRunner:
         cand = planned.candidate
         self.measured.append(planned.name)
         seqs = cand.max_num_seqs or 128
+        if seqs in self.env:
+            return TrialRecord(
+                planned.name,
+                cand.knobs(),
+                STATE_FAILED,
+                number=number,
+                baseline=cand.is_baseline,
+                failure={"class": "health_timeout", "message": "no /health answer within 5 s"},
+                log_path=f"/logs/{number:03d}.log",
+            )
         if seqs in self.fail:
             return TrialRecord(
                 planned.name,
@@ -186,3 +209,114 @@ def test_sampler_never_measures_vllm_defaults_twice(tmp_path: Path) -> None:
         "vllm-defaults",
     ]
     assert any(p.candidate.name == "seqs128-mbt2048" for p in result.sampled_pruned)
+
+
+# --- what runs again: environment failures, stop requests ---------------------------------------
+
+
+def test_environment_failure_of_the_baseline_stops_and_a_rerun_measures_it(tmp_path: Path) -> None:
+    first = FakeRunner(env={128})
+    with pytest.raises(EnvironmentFailedError) as err:
+        make(tmp_path, (2, 8), SearchSettings(repeats=0), first).run()
+    line = str(err.value)
+    assert "\n" not in line and first.measured == ["vllm-defaults"]
+    assert "health_timeout in the baseline" in line and "log: /logs/000.log" in line
+    assert not (tmp_path / "store" / "trials").exists()  # nothing saved as finished
+    fixed = FakeRunner()
+    result = make(tmp_path, (2, 8), SearchSettings(repeats=0), fixed).run()
+    assert fixed.measured[0] == "vllm-defaults" and sorted(fixed.measured) == sorted(result.records)
+    assert all(r.state == STATE_COMPLETE for r in result.records.values())
+
+
+def test_two_environment_failures_in_a_row_stop_the_search(tmp_path: Path) -> None:
+    runner = FakeRunner(env={2, 8, 32})
+    with pytest.raises(EnvironmentFailedError, match="health_timeout in 2 trials in a row"):
+        make(tmp_path, (2, 8, 32), SearchSettings(repeats=0), runner).run()
+    assert len(runner.measured) == 3  # the baseline, then two failures
+
+
+def test_one_environment_failure_goes_on_and_runs_again_next_time(tmp_path: Path) -> None:
+    runner = FakeRunner(env={8})
+    search = make(tmp_path, (2, 8, 32), SearchSettings(repeats=0), runner)
+    result = search.run()
+    assert len(runner.measured) == 4 and result.records["seqs8"].environment_failure
+    assert "seqs8" not in finished_records(search.study)
+    assert not (tmp_path / "store" / "trials" / "seqs8.json").exists()
+    failed = [t for t in search.study.trials if t.user_attrs.get("candidate") == "seqs8"]
+    assert failed[0].state.name == "FAIL" and failed[0].user_attrs["environment"] is True
+    again = FakeRunner()
+    make(tmp_path, (2, 8, 32), SearchSettings(repeats=0), again).run()
+    assert again.measured == ["seqs8"]
+
+
+class SignalledRunner(FakeRunner):
+    """Gets SIGTERM while its load runs in an event loop (where the handler cannot raise), then
+    returns a complete-looking record: what the trial saw of a cut-short rate search."""
+
+    def measure(self, number: int, planned: Planned, variant: Variant) -> TrialRecord:
+        if len(self.measured) == 1:
+
+            async def load() -> None:
+                os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.sleep(0.1)
+
+            asyncio.run(load())
+        return super().measure(number, planned, variant)
+
+
+def test_a_trial_under_a_stop_request_is_not_a_result(tmp_path: Path) -> None:
+    interrupt.reset()
+    interrupt.install()
+    try:
+        runner = SignalledRunner()
+        search = make(tmp_path, (2, 8), SearchSettings(repeats=0), runner)
+        with pytest.raises(Interrupted):
+            search.run()
+    finally:
+        interrupt.reset()
+    assert len(runner.measured) == 2
+    saved = {p.stem for p in (tmp_path / "store" / "trials").glob("*.json")}
+    assert saved == {"vllm-defaults"}  # the interrupted second trial is not saved
+    cut = search.study.trials[-1]
+    assert cut.state.name == "FAIL" and cut.user_attrs["interrupted"] is True
+    assert "record" not in cut.user_attrs
+    again = FakeRunner()
+    make(tmp_path, (2, 8), SearchSettings(repeats=0), again).run()
+    assert again.measured == [runner.measured[1], *again.measured[1:]]
+    assert "vllm-defaults" not in again.measured and len(again.measured) == 2
+
+
+def test_every_asked_trial_is_claimed_and_stale_ones_are_failed_before_each_ask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[bool] = []
+
+    def spy(study: object, *, settle: bool = True) -> list[int]:
+        calls.append(settle)
+        return []
+
+    monkeypatch.setattr(runner_mod, "fail_stale", spy)
+    settings = SearchSettings(budget=3, sampler="tpe", repeats=0)
+    search = make(tmp_path, (1, 2, 4, 8, 16, 32, 64), settings, FakeRunner())
+    search.run()
+    trials = search.study.trials
+    assert calls[0] is True and calls[1:] == [False] * len(trials)
+    assert all(t.user_attrs.get("worker_id") for t in trials)  # pruned and duplicates too
+
+
+def test_a_missing_objective_is_the_worst_value_for_its_direction(tmp_path: Path) -> None:
+    blank = TrialRecord("x", {}, STATE_COMPLETE, objective=None)
+    search = make(tmp_path, (2,), SearchSettings(objective="latency", repeats=0), FakeRunner())
+    assert search._values(blank) == math.inf
+    search = make(tmp_path / "t", (2,), SearchSettings(repeats=0), FakeRunner())
+    assert search._values(blank) == 0.0
+
+
+def test_null_samples_read_back_as_the_worst_value(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path)
+    store.save_samples("seqs8", [12.5, math.inf], 3.0)  # written as null
+    assert store.load_samples("seqs8", "latency") == ([12.5, math.inf], 3.0)
+    assert store.load_samples("seqs8", "throughput") == ([12.5, 0.0], 3.0)
+    finalist = Finalist.from_json({"name": "seqs8", "samples": [12.5, None]}, "latency")
+    assert finalist.samples == (12.5, math.inf) and finalist.mean == math.inf
+    assert Finalist.from_json({"name": "a", "samples": [3.0, None]}).samples == (3.0, 0.0)

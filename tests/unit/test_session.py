@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import uvloop
 
 from tests.fake_vllm import fake_vllm
+from tuner.engine import interrupt
 from tuner.engine.log import EngineFailure, FailureClass
 from tuner.engine.server import EngineSettings, LaunchConfig, ServerStartError
+from tuner.errors import Interrupted
 from tuner.measure.session import ServerDied, launched, run_async, run_watched
 
 DEATH = EngineFailure(FailureClass.OOM, "CUDA out of memory", "", Path("/tmp/x.log"), 1)
@@ -125,3 +130,60 @@ def test_a_failed_start_names_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.fail("a failed start must not run the block")
     assert info.value.failure.log_path == Path("/tmp/b.log")
     assert info.value.failure_class is FailureClass.PORT_IN_USE
+
+
+# --- stop requests: the work ends, and it is Interrupted, never a death or a result -----------
+
+
+@pytest.fixture
+def armed() -> Iterator[None]:
+    interrupt.reset()
+    assert interrupt.install()
+    try:
+        yield
+    finally:
+        interrupt.reset()
+
+
+@pytest.mark.parametrize("server_stopped", [False, True])
+def test_a_stop_request_ends_the_work_as_interrupted(armed: None, server_stopped: bool) -> None:
+    """SIGTERM under load: the watchdog ends the load (stop is set, as for a death) and the
+    run ends by Interrupted, also when the server is gone by then (stopped by us on the
+    request: not ServerDied, which would record a crash)."""
+    seen: list[bool] = []
+
+    async def work(stop: asyncio.Event) -> str:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(stop.wait(), timeout=30)
+        seen.append(stop.is_set())
+        return "half a rate search"
+
+    proc = Process(die_after_s=0.1 if server_stopped else None)
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted) as info:
+        run_watched(proc, work, poll_s=0.05)
+    assert time.monotonic() - t0 < 2.0 and seen == [True]
+    assert info.value.signum == signal.SIGTERM
+
+
+def test_a_stop_request_cancels_unwatched_work(armed: None) -> None:
+    async def work() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(30)
+
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted) as info:
+        run_async(work(), poll_s=0.05)
+    assert time.monotonic() - t0 < 2.0 and info.value.signum == signal.SIGINT
+
+
+def test_a_start_cut_short_by_a_stop_request_is_not_a_failed_start(
+    armed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tuner.engine.server
+
+    failure = EngineFailure(FailureClass.HEALTH_TIMEOUT, "stopped while starting")
+    monkeypatch.setattr(tuner.engine.server, "VllmServer", fake_vllm(start_failure=failure))
+    interrupt._state.pending = signal.SIGTERM  # the handler ran inside the start's own loop
+    with pytest.raises(Interrupted), launched(EngineSettings(model="m")):
+        pytest.fail("an interrupted start must not run the block")

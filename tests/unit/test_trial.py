@@ -1,12 +1,15 @@
 """VllmTrialRunner against a fake vLLM (tests.fake_vllm): a trial and a finalist re-measure get
 the dead-server watchdog and uvloop, keep what was measured before a crash, and stop the server
-on every path."""
+on every path; the load carries the server's API key, and a trial whose every request was
+refused is a failure with the status seen, not a score of 0."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +20,14 @@ import tuner.engine.server
 from tests.fake_vllm import FakeVllm, fake_vllm
 from tests.fakes import Behaviour
 from tuner.engine.server import LaunchConfig
+from tuner.engine.settings import is_secret, redact_settings
 from tuner.load.workload import LengthRange, WorkloadSpec
 from tuner.measure.ratesearch import RateSearchConfig
 from tuner.measure.slo import Slo, parse_slo
 from tuner.plan.prune import Planned, Variant
 from tuner.plan.space import Candidate
 from tuner.search.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
-from tuner.search.trial import TrialSetup, VllmTrialRunner
+from tuner.search.trial import REQUESTS_FAILED, TrialSetup, VllmTrialRunner
 from tuner.specs.model import load_model
 
 # TTFT >= 10 ms, so an SLO of 1 ms fails at saturation and the search goes on to a low rate;
@@ -149,6 +153,98 @@ def test_an_error_in_the_trials_load_propagates_after_the_stop(
         runner.measure(0, _planned(), _variant(tiny_model_dir))
     (server,) = cls.instances
     assert server.stopped
+
+
+# --- the server's API key; every request refused -----------------------------------------------
+
+
+def _keyed_runner(
+    tiny_model_dir: Path, tmp_path: Path, fixed: dict[str, Any], slo: Slo | None = None
+) -> VllmTrialRunner:
+    runner = _runner(tiny_model_dir, tmp_path, slo=slo)
+    runner.setup = replace(runner.setup, fixed=fixed)
+    return runner
+
+
+def test_the_load_sends_the_key_the_server_was_started_with(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    cls = _fake(monkeypatch)
+    runner = _keyed_runner(tiny_model_dir, tmp_path, {"api_key": "k-123"})
+    record = runner.measure(0, _planned(), _variant(tiny_model_dir))
+    assert record.state == STATE_COMPLETE
+    (server,) = cls.instances
+    assert server.settings.api_key == "k-123"
+    sent = {h.get("Authorization") for h in server.fake.stats.headers}
+    assert sent == {"Bearer k-123"}
+
+
+def test_a_key_from_the_environment_is_sent_too(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vLLM reads VLLM_API_KEY when --api-key is not given; vtune's server inherits it.
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    cls = _fake(monkeypatch)
+    record = _runner(tiny_model_dir, tmp_path, slo=None).measure(
+        0, _planned(), _variant(tiny_model_dir)
+    )
+    assert record.state == STATE_COMPLETE
+    (server,) = cls.instances
+    assert {h.get("Authorization") for h in server.fake.stats.headers} == {"Bearer from-env"}
+
+
+@pytest.mark.parametrize(
+    ("status", "phrase"), [(401, "Unauthorized"), (404, "Not Found"), (403, "Forbidden")]
+)
+def test_every_request_refused_is_a_failed_trial_with_the_status_seen(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    phrase: str,
+) -> None:
+    cls = fake_vllm(behaviour=Behaviour(status=status))
+    monkeypatch.setattr(tuner.engine.server, "VllmServer", cls)
+    runner = _runner(tiny_model_dir, tmp_path, slo=parse_slo("ttft:p95<1s"))
+    t0 = time.monotonic()
+    record = runner.measure(2, _planned(), _variant(tiny_model_dir))
+    assert record.state == STATE_FAILED and record.objective is None and record.best is None
+    assert record.failure is not None and record.failure["class"] == REQUESTS_FAILED
+    match = re.fullmatch(
+        rf"every request failed: HTTP {status} {phrase} \((\d+) of (\d+)\)",
+        record.failure["message"],
+    )
+    assert match and match[1] == match[2] and int(match[1]) > 0, record.failure
+    assert record.failure["log_path"] == str(tmp_path / "002-seqs4.log")
+    assert record.rate_search is not None
+    assert len(record.rate_search["points"]) == 1  # the first refused point ended the trial
+    assert time.monotonic() - t0 < 5.0  # not a whole rate search of refusals
+    (server,) = cls.instances
+    assert server.stopped
+
+
+def test_a_refusing_server_in_a_latency_trial_is_a_failure_too(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        tuner.engine.server, "VllmServer", fake_vllm(behaviour=Behaviour(status=401))
+    )
+    runner = _runner(tiny_model_dir, tmp_path, slo=None)
+    runner.setup = replace(runner.setup, objective="latency", latency_rate=50.0)
+    record = runner.measure(0, _planned(), _variant(tiny_model_dir))
+    assert record.state == STATE_FAILED and record.failure is not None
+    assert record.failure["class"] == REQUESTS_FAILED
+    assert record.failure["message"].startswith("every request failed: HTTP 401 Unauthorized (")
+
+
+def test_secret_settings_are_known_by_name() -> None:
+    secret = ["api_key", "hf_token", "--api-key", "hf-token", "token", "db_password", "x_secret"]
+    plain = ["max_num_batched_tokens", "tokenizer", "kv_cache_dtype", "enforce_eager", "keys"]
+    assert all(is_secret(name) for name in secret)
+    assert not any(is_secret(name) for name in plain)
+    shown = redact_settings({"api_key": "s3", "max_num_seqs": 8, "hf_token": None})
+    assert shown == {"api_key": "***", "max_num_seqs": 8, "hf_token": None}
 
 
 # --- a finalist's re-measure --------------------------------------------------------------------

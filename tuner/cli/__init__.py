@@ -11,7 +11,8 @@ import sys
 import click
 
 from tuner.cli.common import VtuneGroup, fail
-from tuner.errors import VtuneError
+from tuner.engine import interrupt
+from tuner.errors import Interrupted, VtuneError
 
 COMMANDS = {
     "estimate": "tuner.cli.estimate:estimate",
@@ -38,9 +39,16 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point; exit code 2 for every user error, never a traceback for one.
 
     click's own usage errors are reduced to one line too (click prints three by default).
+    A stop request (SIGTERM; SIGINT unless it was ignored when vtune started) stops every vLLM
+    vtune started, then ends the command with one line and exit code 128 + the signal's number
+    (143, 130), also as PID 1 in a container (:mod:`tuner.engine.interrupt`).
     """
+    interrupt.install()
     try:
         cli.main(args=argv, prog_name="vtune", standalone_mode=False)
+    except Interrupted as stop:
+        click.echo(f"vtune: {stop}{'; ' + stop.hint if stop.hint else ''}", err=True)
+        sys.exit(128 + stop.signum)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:

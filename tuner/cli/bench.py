@@ -19,6 +19,8 @@ from tuner.cli.common import (
     seed_option,
     slo_option,
     startup_timeout_option,
+    telemetry_config,
+    telemetry_options,
     workload_options,
     workload_spec,
 )
@@ -102,6 +104,7 @@ from tuner.cli.common import (
 @click.option("--port", type=int, default=None, help="Port for the started vLLM (default: free).")
 @startup_timeout_option(None, "Seconds to wait for vLLM to become healthy.")
 @click.option("--no-scrape", is_flag=True, help="Do not scrape the server's /metrics.")
+@telemetry_options
 @metrics_options
 def bench(**opts: Any) -> None:
     """Start vLLM (or use --url), run the load, print a table, write --json, stop vLLM."""
@@ -123,7 +126,9 @@ def bench(**opts: Any) -> None:
             cfg, progress=lambda msg: click.echo(f"vtune: {msg}", err=True), observer=exporter
         )
         if exporter is not None and result.summary is not None:
-            exporter.finish(result.summary.to_json())
+            m = result.measurement
+            assert m is not None
+            exporter.finish(result.summary.to_json(), m.telemetry_json(), m.roofline_json())
     print_bench_result(result)
     if opts["json_out"] is not None:
         path = core.write_json(result, opts["json_out"])
@@ -133,15 +138,18 @@ def bench(**opts: Any) -> None:
 
 
 def _config(o: dict[str, Any]) -> Any:
-    """Build the BenchConfig from the parsed options (no I/O beyond the GPU registry)."""
+    """Build the BenchConfig from the parsed options (reads the GPU registry, the probe cache
+    and the model's config for the roofline; starts nothing)."""
     from tuner.engine.server import EngineSettings, LaunchConfig
     from tuner.load.generator import LoadConfig
     from tuner.measure import bench as core
+    from tuner.measure.watch import watch_plan
 
     engine = launch = None
+    device = core.device_for(o["gpu_name"])
     if o["url"] is None:
         engine = EngineSettings.from_mapping(o["model"], o["engine_args"])
-        launch_kw: dict[str, Any] = {"device": core.device_for(o["gpu_name"]), "port": o["port"]}
+        launch_kw: dict[str, Any] = {"device": device, "port": o["port"]}
         if o["startup_timeout"] is not None:
             launch_kw["startup_timeout_s"] = o["startup_timeout"]
         launch = LaunchConfig(**launch_kw)
@@ -173,4 +181,5 @@ def _config(o: dict[str, Any]) -> Any:
         served_model_name=o["served_model_name"],
         slo=o["slo"],
         scrape=not o["no_scrape"],
+        watch=watch_plan(o["model"], core.local_gpu(o["gpu_name"], device), telemetry_config(o)),
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -197,9 +196,42 @@ def metrics_options(fn: Any) -> Any:
     )(fn)
 
 
+def _http_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise click.BadParameter(f"expected an http(s):// URL, got {value!r}")
+    return value
+
+
+def telemetry_options(fn: Any) -> Any:
+    """``--dcgm-url`` and ``--telemetry-period`` (search and bench): how each load point's
+    hardware telemetry is sampled (:class:`tuner.measure.watch.TelemetryOptions`)."""
+    fn = click.option(
+        "--telemetry-period",
+        type=float,
+        default=0.1,
+        show_default=True,
+        callback=positive_float,
+        help="Seconds between telemetry samples (CPU via psutil, GPU via NVML).",
+    )(fn)
+    return click.option(
+        "--dcgm-url",
+        default=None,
+        callback=_http_url,
+        help="A dcgm-exporter /metrics URL: also sample DCGM's SM, DRAM and tensor activity.",
+    )(fn)
+
+
+def telemetry_config(o: dict[str, Any]) -> Any:
+    """The TelemetryOptions of :func:`telemetry_options`' values."""
+    from tuner.measure.watch import TelemetryOptions
+
+    return TelemetryOptions(period_s=o["telemetry_period"], dcgm_url=o["dcgm_url"])
+
+
 def workload_options(fn: Any) -> Any:
-    """The request-set options ``vtune bench`` and ``vtune search`` share: lengths, a ShareGPT
-    dataset, shared prefixes, and the endpoint."""
+    """The request-set options ``vtune bench`` and ``vtune search`` share: lengths, a dataset
+    (ShareGPT file, request trace, or conversations), trace replay speed, shared prefixes,
+    and the endpoint."""
     options = [
         click.option(
             "--input-len",
@@ -216,9 +248,20 @@ def workload_options(fn: Any) -> Any:
         ),
         click.option(
             "--dataset",
-            type=click.Path(path_type=Path),
             default=None,
-            help="ShareGPT-format JSON file instead of random prompts.",
+            metavar="FILE|trace:FILE|conversations",
+            callback=dataset_option,
+            help="Instead of random prompts: a ShareGPT JSON file; trace:FILE, a JSONL request "
+            "trace (vtune's or Mooncake's fields); or conversations[:turns=2-6,think=1,"
+            "system=128,ctx=2048,users=32], multi-turn sessions.",
+        ),
+        click.option(
+            "--time-scale",
+            type=float,
+            default=None,
+            callback=positive_float,
+            help="vtune bench: replay the trace at its recorded times times this (0.5: twice "
+            "as fast; default 1 without --rate or --concurrency).",
         ),
         click.option(
             "--prefix-len",
@@ -246,22 +289,42 @@ def workload_options(fn: Any) -> Any:
     return fn
 
 
+def dataset_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """click callback for ``--dataset``: WorkloadSpec keyword arguments
+    (:func:`tuner.load.workload.dataset_source`); a bad trace is one line (exit 2) here."""
+    from tuner.load.workload import dataset_source
+
+    return dataset_source(value)
+
+
 def workload_spec(o: dict[str, Any], num_prompts: int = 100) -> Any:
-    """A WorkloadSpec from the options of :func:`workload_options`."""
+    """A WorkloadSpec from the options of :func:`workload_options`. A trace is replayed at its
+    recorded times when the command has ``--rate`` and neither it nor ``--concurrency`` is
+    given (vtune bench); otherwise (a search, or a rate) it is re-sampled."""
+    from tuner.errors import ParameterError
     from tuner.load.workload import DEFAULT_OUTPUT_LEN
     from tuner.measure.bench import WorkloadSpec
 
+    source = o["dataset"] or {}
     output_len = o["output_len"]
-    if output_len is None and o["dataset"] is None:
+    if output_len is None and "dataset" not in source and "trace" not in source:
         output_len = DEFAULT_OUTPUT_LEN
+    replay = "trace" in source and "rate" in o and o["rate"] is None and not o.get("concurrency")
+    if o.get("time_scale") is not None and not replay:
+        raise ParameterError(
+            "--time-scale replays a trace (--dataset trace:FILE) at its recorded times: "
+            "vtune bench without --rate or --concurrency"
+        )
     return WorkloadSpec(
         num_prompts=num_prompts,
         input_len=o["input_len"],
         output_len=output_len,
-        dataset=o["dataset"],
         prefix_len=o["prefix_len"],
         num_prefixes=o["num_prefixes"],
         seed=o["seed"],
+        replay=replay,
+        time_scale=o.get("time_scale") or 1.0,
+        **source,
     )
 
 

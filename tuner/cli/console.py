@@ -1,18 +1,21 @@
-"""Console (rich) rendering of results. Printing only: no computation beyond unit formatting."""
+"""Console (rich) rendering of results. Printing only: the figures come from the record and the
+search modules (:mod:`tuner.search.front`); here they are compared and formatted."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from rich import box
 from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
-from rich.text import Text
 
 from tuner.analytic.estimate import Estimate
 from tuner.analytic.explain import ExplainLine
+from tuner.cli.plan_screen import print_plan as print_plan  # re-exported: `vtune search` prints it
+from tuner.cli.tables import fits, num, print_name_table
+from tuner.search.front import dominating, front, front_points
+from tuner.search.trial_record import finite
 
 GiB = 2**30
 
@@ -91,68 +94,58 @@ def _knee(value: float | None) -> str:
     return "none (memory-bound at every batch)" if value is None else f"{value:,.1f}"
 
 
-def print_plan(prep: Any, *, verbose: bool = False, console: Console | None = None) -> None:
-    """The search plan: survivors in trial order, pruned counts by rule, estimated time."""
-    out = console or Console()
-    plan = prep.plan
-    out.print(
-        f"[bold]Plan[/] for {prep.model.name} on {prep.gpu.name}: space of "
-        f"{plan.space_size} combinations -> {len(plan.all())} to measure "
-        f"(baseline included), {len(plan.pruned)} pruned, {len(plan.capped)} capped; "
-        f"study {prep.study_name}"
-    )
-    if prep.slo is not None:
-        out.print(f"SLO: {prep.slo}; objective: {prep.config.settings.objective}")
-    counts = plan.counts_by_rule()
-    if counts:
-        out.print(
-            "Pruned by rule: "
-            + ", ".join(f"{rule} {n}" for rule, n in sorted(counts.items(), key=lambda x: -x[1]))
-        )
-    from tuner.search.runner import trial_order
-
-    trials = trial_order(plan, prep.config.settings)  # the order the search itself queues
-    order = trials.candidates
-    title = "Trial order (analytically best first)"
-    if trials.sampler is not None:
-        title = (
-            f"Candidates: the first {len(trials.queued)} run in this order, "
-            f"then {trials.sampler} chooses"
-        )
-    table = Table(title=title, title_justify="left")
-    for col in ("#", "candidate", "predicted tok/s", "KV-feasible seqs", "knee"):
-        table.add_column(col, justify="right" if col != "candidate" else "left")
-    rows = order if verbose else order[:12]
-    for i, p in enumerate(rows):
-        knee = "-" if p.roofline_knee_batch is None else f"{p.roofline_knee_batch:,.0f}"
-        table.add_row(
-            str(i), p.name, f"{p.predicted_tokens_per_s:,.0f}", f"{p.max_concurrency:,.1f}", knee
-        )
-    out.print(table)
-    if len(rows) < len(plan.all()):
-        out.print(f"... and {len(plan.all()) - len(rows)} more (--dry-run lists all)")
-    if verbose:
-        for pr in plan.pruned[:50]:
-            out.print(f"  pruned [{pr.rule}] {pr.candidate.name}: {pr.reason}", highlight=False)
-        for cap in plan.capped[:50]:
-            out.print(
-                f"  capped {cap.original.name} -> {cap.capped.name}: {cap.reason}", highlight=False
-            )
-    minutes = prep.estimated_seconds() / 60
-    out.print(f"Estimated time: up to {minutes:,.0f} min; profile -> {prep.yaml_path}")
-
-
 def print_search_result(outcome: Any, console: Console | None = None) -> None:
-    """The final screen: every trial, the chosen profile, the measured gain over defaults,
-    from the typed record (``outcome.record``). A candidate's name is never cut, whatever the
-    width (:func:`_trial_table`)."""
+    """The final screen: every trial (what was measured, what ``vtune estimate`` predicted beside
+    it, the regime when known), the finalists, the Pareto front over the figures the choice uses,
+    the chosen profile and the measured gain over defaults, from the typed record
+    (``outcome.record``). A candidate's name is never cut, whatever the width
+    (:mod:`tuner.cli.tables`)."""
     out = console or Console()
     record = outcome.record
+    _print_trials(out, record)
+    for fin in record.finalists:
+        out.print(
+            f"  finalist {fin.name}: mean {num(fin.mean)} "
+            f"[{num(fin.ci_low)}, {num(fin.ci_high)}] over {len(fin.samples)}",
+            highlight=False,
+        )
+    _print_front(out, record)
+    if record.within_noise:
+        out.print(
+            "[yellow]The best two finalists are within measurement noise: either is a "
+            "sound choice.[/]"
+        )
+    if outcome.yaml_path is None:
+        out.print("[bold red]No configuration met the SLO.[/]")
+        return
+    out.print(f"[bold green]Chosen:[/] {record.best}  ->  {outcome.yaml_path}", highlight=False)
     objective = record.objective or "objective"
-    headers = [
-        *("#", "candidate", "state", objective),
-        *("rate req/s", "p95 TTFT ms", "p95 TPOT ms", "peak KV %"),
-    ]
+    gain = record.gain
+    if gain is not None and gain.ratio_of_finalist_means:
+        out.print(
+            f"Measured gain over vLLM defaults: x{gain.ratio_of_finalist_means:.2f} on the "
+            f"re-measured means (first runs: x{gain.ratio or 0:.2f}, {objective} "
+            f"{num(gain.baseline)} -> {num(gain.best)})"
+        )
+    elif gain is not None and gain.ratio:
+        out.print(
+            f"Measured gain over vLLM defaults: x{gain.ratio:.2f} "
+            f"({objective} {num(gain.baseline)} -> {num(gain.best)}; one run each)"
+        )
+    elif record.baseline:
+        out.print("vLLM defaults did not meet the SLO (or failed): gain not defined.")
+
+
+SATURATED = " (sat.)"
+MEASURED = "measured tok/s"
+
+
+def _print_trials(out: Console, record: Any) -> None:
+    """The trials table: measured figures, with the prediction (and the calibrated one, and the
+    regime, when the record has them) beside the objective; when that is too wide for the
+    console, the predictions go to a second table under the first."""
+    objective = record.objective or "objective"
+    measured, predicted, calibrated, regimes = [], [], [], []
     rows = []
     for trial in record.trials:
         best = trial.best or {}
@@ -163,122 +156,122 @@ def print_search_result(outcome: Any, console: Console | None = None) -> None:
                 "-" if trial.number is None else str(trial.number),
                 trial.name + (" *" if trial.name == record.best else ""),
                 trial.state if failure is None else f"{trial.state}: {failure}",
-                _num(trial.objective),
-                _num(best.get("rate")) if best else "-",
-                _num(best.get("p95_ttft_ms")),
-                _num(best.get("p95_tpot_ms")),
+                num(trial.objective),
+                _rate_cell(best),
+                num(best.get("p95_ttft_ms")),
+                num(best.get("p95_tpot_ms")),
                 "-" if kv is None else f"{kv * 100:.0f}",
             ]
         )
-    table, legend = _trial_table(out, headers, rows, name_col=1)
-    out.print(table)
-    for line in legend:
-        out.print(line, highlight=False, soft_wrap=True)
-    for fin in record.finalists:
+        measured.append(finite(best.get("output_throughput")))
+        predicted.append(finite(trial.estimate.get("predicted_tokens_per_s")))
+        calibrated.append(finite(trial.estimate.get("calibrated_tokens_per_s")))
+        regime = getattr(trial, "regime", None)  # TrialRecord.regime: newer records only
+        regimes.append(None if regime is None else str(regime))
+    headers = ["#", "candidate", "state", objective, "rate req/s", "p95 TTFT ms"]
+    headers += ["p95 TPOT ms", "peak KV %"]
+    extra: list[tuple[str, list[str]]] = []  # (header, cells) beside the objective
+    if any(v is not None for v in predicted):
+        extra.append((MEASURED, [num(v) for v in measured]))
+        extra.append(("predicted tok/s", [num(v) for v in predicted]))
+        if any(v is not None for v in calibrated):
+            extra.append(("calibrated tok/s", [num(v) for v in calibrated]))
+    if any(r is not None for r in regimes):
+        extra.append(("regime", [r or "-" for r in regimes]))
+    # One table when it fits: the throughput objective *is* the measured tok/s there.
+    inline = [e for e in extra if not (e[0] == MEASURED and objective == "throughput")]
+    wide_headers = headers[:4] + [h for h, _ in inline] + headers[4:]
+    wide_rows = [r[:4] + [c[i] for _, c in inline] + r[4:] for i, r in enumerate(rows)]
+    if not extra or fits(out, wide_headers, wide_rows):
+        print_name_table(out, wide_headers, wide_rows if extra else rows)
+    else:
+        legend = print_name_table(out, headers, rows)
+        side = ["#", "candidate", *(h for h, _ in extra)]
+        names = [[r[0], t.name] for r, t in zip(rows, record.trials, strict=True)]  # no "*"
+        side_rows = [n + [c[i] for _, c in extra] for i, n in enumerate(names)]
+        print_name_table(out, side, side_rows, "Predicted beside measured", legend=not legend)
+    if any(r[4].endswith(SATURATED) for r in rows):
         out.print(
-            f"  finalist {fin.name}: mean {_num(fin.mean)} "
-            f"[{_num(fin.ci_low)}, {_num(fin.ci_high)}] over {len(fin.samples)}",
+            "  (sat.): the SLO held at saturation (closed loop at the candidate's max "
+            "concurrency), so no lower rate was needed: the rate is the one sustained there.",
             highlight=False,
         )
-    if record.pareto_front:
-        out.print(
-            "Pareto front (output throughput vs p95 TPOT): " + ", ".join(record.pareto_front),
-            highlight=False,
-        )
-    if record.within_noise:
-        out.print(
-            "[yellow]The best two finalists are within measurement noise: either is a "
-            "sound choice.[/]"
-        )
-    if outcome.yaml_path is None:
-        out.print("[bold red]No configuration met the SLO.[/]")
-        return
-    out.print(f"[bold green]Chosen:[/] {record.best}  ->  {outcome.yaml_path}", highlight=False)
-    gain = record.gain
-    if gain is not None and gain.ratio_of_finalist_means:
-        out.print(
-            f"Measured gain over vLLM defaults: x{gain.ratio_of_finalist_means:.2f} on the "
-            f"re-measured means (first runs: x{gain.ratio or 0:.2f}, {objective} "
-            f"{_num(gain.baseline)} -> {_num(gain.best)})"
-        )
-    elif gain is not None and gain.ratio:
-        out.print(
-            f"Measured gain over vLLM defaults: x{gain.ratio:.2f} "
-            f"({objective} {_num(gain.baseline)} -> {_num(gain.best)}; one run each)"
-        )
-    elif record.baseline:
-        out.print("vLLM defaults did not meet the SLO (or failed): gain not defined.")
+    _print_prediction_check(out, measured, predicted, calibrated)
 
 
-def _num(value: Any) -> str:
-    if value is None:
+def _rate_cell(best: dict[str, Any]) -> str:
+    """The request rate of the trial's chosen point: the Poisson rate measured, or for a point
+    measured closed loop (its ``rate`` None) the request rate sustained at saturation."""
+    if not best:
         return "-"
-    if isinstance(value, float):
-        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
-    return str(value)
+    rate = finite(best.get("rate"))
+    if rate is not None:
+        return num(rate)
+    sustained = finite(best.get("request_throughput"))
+    return "-" if sustained is None else num(sustained) + SATURATED
 
 
-def _trial_table(
-    out: Console, headers: list[str], rows: list[list[str]], name_col: int
-) -> tuple[Table, list[str]]:
-    """The trials as a table in which the ``name_col`` cells are never cut or wrapped.
-
-    rich shrinks every column of a table wider than the console, names included, so the
-    widths are chosen here: every column at its natural width when that fits; else the name
-    column whole and the others down to their longest word (headers and states wrap), the
-    room left going to the columns that need the least of it; else, when even that does not
-    fit, the table leaves the names out and the legend returned lists ``#: name`` in full."""
-    natural = [max(len(c) for c in [h, *(r[j] for r in rows)]) for j, h in enumerate(headers)]
-    shortest = [
-        max(len(word) for c in [h, *(r[j] for r in rows)] for word in c.split() or [""])
-        for j, h in enumerate(headers)
-    ]
-    chrome = _table_width(out, headers, natural) - sum(natural)
-    room = out.width - chrome
-    if sum(natural) <= room:
-        return _make_table(headers, rows, natural), []
-    widths = [natural[j] if j == name_col else shortest[j] for j in range(len(headers))]
-    spare = room - sum(widths)
-    if spare >= 0:
-        for j in sorted(range(len(headers)), key=lambda j: natural[j] - widths[j]):
-            grant = min(spare, natural[j] - widths[j])
-            widths[j] += grant
-            spare -= grant
-        return _make_table(headers, rows, widths), []
-    keep = [j for j in range(len(headers)) if j != name_col]
-    table = _make_table([headers[j] for j in keep], [[r[j] for j in keep] for r in rows], None)
-    return table, [f"  {r[0]}: {r[name_col]}" for r in rows]
-
-
-def _make_table(headers: list[str], rows: list[list[str]], widths: list[int] | None) -> Table:
-    """The trials table; ``widths`` fixes each column's content width (None: rich decides)."""
-    table = Table(
-        title="Trials",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    for j, header in enumerate(headers):
-        left = header in ("candidate", "state")
-        table.add_column(
-            header,
-            justify="left" if left else "right",
-            width=None if widths is None else widths[j],
-            no_wrap=header == "candidate",
-            overflow="fold",  # a figure narrower than its column folds, never ends in "…"
+def _print_prediction_check(
+    out: Console,
+    measured: list[float | None],
+    predicted: list[float | None],
+    calibrated: list[float | None],
+) -> None:
+    """One line: how measured output tok/s compares with the prediction, over the trials
+    that have both (so the user knows how far to trust ``vtune estimate`` on this machine)."""
+    parts = []
+    for label, guesses in (("analytic", predicted), ("calibrated", calibrated)):
+        ratios = sorted(m / g for m, g in zip(measured, guesses, strict=True) if m and g)
+        if not ratios:
+            continue
+        spread = f"x{ratios[0]:.2f}"
+        if len(ratios) > 1:
+            spread += f" to x{ratios[-1]:.2f}, median x{statistics.median(ratios):.2f}"
+        parts.append(f"{label} {spread} over {len(ratios)} trial{'s' * (len(ratios) != 1)}")
+    if parts:
+        out.print(
+            "Measured / predicted output tok/s (at each trial's chosen point): " + "; ".join(parts),
+            highlight=False,
         )
-    for row in rows:
-        table.add_row(*(Text(cell) for cell in row))
-    return table
 
 
-def _table_width(out: Console, headers: list[str], widths: list[int]) -> int:
-    """The rendered width of a trials table with these content widths (chrome included)."""
-    table = _make_table(headers, [], widths)
-    unbounded = out.options.update_width(sum(widths) + 1000)  # measured, not clamped to the console
-    return Measurement.get(out, unbounded, table).maximum
+def _print_front(out: Console, record: Any) -> None:
+    """The Pareto front, recomputed from the record over the figures the choice uses
+    (:mod:`tuner.search.front`), saying which figures those are; the chosen setting marked,
+    or, when it is off the front, the line that says why."""
+    points = front_points(record.trials, record.finalists, record.objective)
+    names = front(points)
+    if not names:
+        return
+    on_means = any(p.on_mean for p in points)
+    figures = (
+        "re-measured finalists at their mean tok/s, the others at their one run"
+        if on_means
+        else "each trial's first run"
+    )
+    out.print(
+        f"Pareto front (output tok/s vs p95 TPOT; {figures}): "
+        + ", ".join(n + (" (chosen)" if n == record.best else "") for n in names),
+        highlight=False,
+    )
+    better = dominating(points, record.best)
+    if not better:
+        return
+    chosen = next(p for p in points if p.name == record.best)
+    if record.objective == "throughput":
+        why = (
+            "the choice ranks the finalists' re-measured means, and these ran once"
+            if chosen.on_mean and not any(p.on_mean for p in better)
+            else "the choice ranks output tok/s meeting the SLO alone"
+        )
+    else:
+        why = f"the choice ranks {record.objective or 'the objective'} alone, not tok/s vs TPOT"
+    out.print(
+        f"The chosen {record.best} is off this front: "
+        f"{', '.join(p.name for p in better)} measured more output tok/s at a lower p95 TPOT; "
+        f"{why}.",
+        highlight=False,
+    )
 
 
 def print_bench_result(result: Any, console: Console | None = None) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tuner.cli.tables import num
 from tuner.search.record import SearchRecord, TrialRecord
 
 
@@ -52,7 +53,7 @@ class SearchProgress:
 
     def on_trial_end(self, trial: TrialRecord) -> None:
         self.progress.advance(self.task)
-        value = "-" if trial.objective is None else f"{trial.objective:,.4g}"
+        value = num(trial.objective)  # as the final table writes it: 13,856, not 1.386e+04
         failure = (trial.failure or {}).get("class")
         self.console.print(
             f"  trial {trial.number} {trial.name}: {trial.state}"

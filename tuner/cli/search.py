@@ -4,6 +4,7 @@ prints."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,14 @@ from tuner.cli.common import (
     positive_int,
     seed_option,
     startup_timeout_option,
+    telemetry_config,
+    telemetry_options,
     workload_options,
     workload_spec,
 )
+
+# What the CLI adds to "vtune: interrupted by SIGTERM" when a search is stopped.
+RESUME_HINT = "finished trials are saved — rerun the same command to resume"
 
 
 def _key_value(
@@ -146,24 +152,53 @@ def _key_value(
 )
 @seed_option()
 @click.option("--dry-run", is_flag=True, help="Print the plan; launch nothing.")
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="List every candidate in the plan (pruned and capped ones too), not the first rows.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="With --dry-run: print the whole plan as one JSON object (for tools).",
+)
 @startup_timeout_option(600.0)
 @click.option("--vllm-python", default=None, help="Python that has vLLM (default: this one).")
+@telemetry_options
 @metrics_options
 def search(**o: Any) -> None:
     """Search vLLM settings for the best throughput under an SLO and write the profile."""
-    from tuner.cli.console import print_plan, print_search_result
-    from tuner.cli.progress import SearchProgress
-    from tuner.outputs.prometheus import SearchExporter, exporting
-    from tuner.search.outcome import ensure_feasible
-    from tuner.search.prepare import check_storage, prepare
-    from tuner.search.run import run_search
+    from tuner.cli.console import print_plan
+    from tuner.cli.plan_screen import plan_json
+    from tuner.errors import ParameterError
+    from tuner.search.prepare import prepare
 
+    if o["as_json"] and not o["dry_run"]:
+        raise ParameterError("--json prints the plan of a --dry-run; add --dry-run")
     prep = prepare(_config(o))
     for line in prep.warnings:
         click.echo(f"vtune: warning: {line}", err=True)
-    print_plan(prep, verbose=o["dry_run"])
+    if o["as_json"]:
+        click.echo(json.dumps(plan_json(prep), indent=2, default=str))
+        return
+    print_plan(prep, verbose=o["show_all"])
     if o["dry_run"]:
         return
+    _run(prep, o)
+
+
+def _run(prep: Any, o: dict[str, Any]) -> None:
+    """Measure the plan (the exporter and the progress bar listening), print the final screen."""
+    from tuner.cli.console import print_search_result
+    from tuner.cli.progress import SearchProgress
+    from tuner.errors import Interrupted
+    from tuner.outputs.prometheus import SearchExporter, exporting
+    from tuner.search.outcome import ensure_feasible
+    from tuner.search.prepare import check_storage
+    from tuner.search.run import run_search
+
     info = {
         "model": prep.model.name,
         "gpu": prep.gpu.name,
@@ -181,8 +216,12 @@ def search(**o: Any) -> None:
         from tuner.search.events import Fanout
 
         check_storage(prep)  # after the port check: a taken port must not create a study
-        with SearchProgress() as progress:
-            outcome = run_search(prep, Fanout([progress, exporter]))
+        try:
+            with SearchProgress() as progress:
+                outcome = run_search(prep, Fanout([progress, exporter]))
+        except Interrupted as stop:
+            stop.hint = RESUME_HINT
+            raise
     print_search_result(outcome)
     ensure_feasible(outcome)
 
@@ -234,4 +273,5 @@ def _config(o: dict[str, Any]) -> Any:
         iterations=o["iterations"],
         latency_rate=o["latency_rate"],
         launch=LaunchConfig(**launch_kwargs),
+        telemetry=telemetry_config(o),
     )

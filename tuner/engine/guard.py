@@ -10,7 +10,9 @@ leader of a new session (``start_new_session``), and the script:
    that the parent is still the expected one (closing the race with an early death);
 2. runs the vLLM command in its own process group and waits for it;
 3. on SIGTERM / SIGINT / SIGHUP, or when the parent is gone (also polled, in case the
-   signal was lost), sends SIGTERM to vLLM's API server, waits up to ``grace`` seconds for it,
+   signal was lost), says so in the log (``vtune guard: stopping vLLM: ...``, how vtune tells
+   a stop it did not ask for from a crash of vLLM), sends SIGTERM to vLLM's API server, waits
+   up to ``grace`` seconds for it,
    then SIGKILLs everything else left in the group and unlinks the /dev/shm files they had
    mapped (a SIGKILLed vLLM leaks them);
 4. when vLLM exits on its own, SIGKILLs whatever else is left in the group (an orphaned
@@ -84,6 +86,54 @@ def shm_files(pids: list[int]) -> set[str]:
     return found
 
 
+def listening_inodes(port: int) -> set[int] | None:
+    """Inodes of the TCP sockets listening on ``port`` (any address, IPv4 or IPv6) in this
+    network namespace; None when ``/proc/net`` cannot be read (then nobody can tell)."""
+    found: set[int] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii", errors="replace") as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            with contextlib.suppress(ValueError):
+                if int(fields[1].rpartition(":")[2], 16) == port:
+                    found.add(int(fields[9]))
+    return found if readable else None
+
+
+def socket_inodes(pids: list[int]) -> set[int]:
+    """Inodes of the sockets these processes hold open (``/proc/PID/fd`` -> ``socket:[N]``)."""
+    found: set[int] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link.endswith("]"):
+                found.add(int(link[8:-1]))
+    return found
+
+
+def foreign_listeners(port: int, pgid: int) -> bool:
+    """Whether a socket listening on ``port`` is held by no member of process group ``pgid``
+    (another process serves the port too); False when ``/proc/net`` cannot be read."""
+    listening = listening_inodes(port)
+    return bool(listening) and bool(listening - socket_inodes(group_members(pgid)))
+
+
 def unlink_all(paths: set[str]) -> None:
     for path in paths:
         with contextlib.suppress(OSError):
@@ -138,6 +188,9 @@ def main(argv: list[str]) -> int:
         _kill_others(pgid, signal.SIGKILL)
         unlink_all(shm)
         return code if code >= 0 else 128 - code
+    # Said in the log, so that vtune can tell a stop it did not ask for (someone killed the
+    # guard) from a crash of vLLM.
+    print(f"vtune guard: stopping vLLM: {_why(stop['why'])}", flush=True)
     # Asked to stop (or orphaned): SIGTERM to vLLM's API server only (it shuts its own children
     # down cleanly once started; a second SIGTERM would make uvicorn force-exit), then certainty.
     with contextlib.suppress(ProcessLookupError):
@@ -155,6 +208,15 @@ def main(argv: list[str]) -> int:
         return 128 + signal.SIGKILL
     _kill_others(pgid, signal.SIGKILL)
     return code if code >= 0 else 128 - code
+
+
+def _why(why: object) -> str:
+    if isinstance(why, int):
+        try:
+            return f"received {signal.Signals(why).name}"
+        except ValueError:
+            return f"received signal {why}"
+    return str(why)
 
 
 if __name__ == "__main__":

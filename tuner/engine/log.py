@@ -8,21 +8,64 @@ on the per-trial log file and on the server's /metrics.
 from __future__ import annotations
 
 import re
+import signal
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 
 class FailureClass(StrEnum):
-    """Why a vLLM server did not start or stopped serving. Values are stable strings."""
+    """Why a vLLM server did not start, stopped serving, or could not be measured. Values are
+    stable strings.
+
+    Two kinds (:attr:`environment`): a *candidate* failure says the candidate cannot run here
+    (OOM at its settings, an option vLLM rejects or cannot run): measuring it again gives the
+    same answer, so a search records it once and moves on. Every other class is an
+    *environment* failure (vLLM not found, a start-up timeout, a port in use, the guard killed
+    from outside, every request refused...): it says nothing about the candidate, so the next
+    run measures the candidate again.
+    """
 
     OOM = "oom"  # not enough (GPU or NUMA-node) memory for weights, activations or KV cache
     INVALID_OPTION = "invalid_option"  # unknown flag or a value vLLM rejects
     UNSUPPORTED = "unsupported"  # valid option this platform / checkpoint cannot run
     LOAD_CRASH = "load_crash"  # engine failed while loading or initialising otherwise
     HEALTH_TIMEOUT = "health_timeout"  # alive but no /health 200 before the deadline
-    PORT_IN_USE = "port_in_use"
+    PORT_IN_USE = "port_in_use"  # also: the port answered, but from another process
     CRASHED = "crashed"  # died after it was healthy, or an exit nothing above explains
+    KILLED = "killed"  # the guard was killed or stopped from outside vtune; vLLM did not fail
+    REQUESTS_FAILED = "requests_failed"  # vLLM ran, but every request failed (401, 404, ...)
+
+    @property
+    def environment(self) -> bool:
+        """Whether this failure is the environment's, not a property of the candidate."""
+        return self not in CANDIDATE_FAILURES
+
+
+# The failures that are properties of the candidate (see FailureClass).
+CANDIDATE_FAILURES = frozenset(
+    {FailureClass.OOM, FailureClass.INVALID_OPTION, FailureClass.UNSUPPORTED}
+)
+
+# vLLM's start-up check that the device has the memory its utilization asks for: "Free memory
+# on device (x/y GiB) on startup is less than desired GPU memory utilization (0.9, z GiB).
+# Decrease GPU memory utilization or reduce GPU memory used by other processes." (and the CPU
+# form, "Available memory on node 0 ..."). At vLLM's default utilization, an empty device has
+# it: then another process holds the memory.
+_MEMORY_TAKEN = re.compile(r"memory .*on startup is less than desired", re.I)
+
+
+def memory_taken(message: str) -> bool:
+    """Whether an OOM message is vLLM's start-up check that free memory is below what the
+    memory utilization asks for (memory held by someone else, unless the candidate set a
+    higher utilization)."""
+    return bool(_MEMORY_TAKEN.search(message))
+
+
+def environment_failure(failure_class: str | None) -> bool:
+    """Whether a recorded failure class (a string, any case; None or unknown included) is an
+    environment failure: only the candidate classes are not."""
+    return (failure_class or "").lower() not in {c.value for c in CANDIDATE_FAILURES}
 
 
 @dataclass(frozen=True)
@@ -129,6 +172,26 @@ def _last_error_line(lines: list[str]) -> str:
         if _ERRORISH.search(line) and "Traceback" not in line:
             return _clean(line)
     return _clean(lines[-1]) if lines else "vLLM exited without output"
+
+
+def outside_stop(log_text: str, returncode: int | None) -> str | None:
+    """How vLLM's guard was stopped from outside vtune, given its log and exit status, when
+    vtune had not stopped it; None when nothing says so (vLLM exited by itself). The guard
+    never dies of a signal by itself (it exits with vLLM's code), and when it is sent one it
+    says so in the log (``vtune guard: stopping vLLM: received SIGTERM``) before stopping vLLM."""
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name} from outside vtune"
+    for line in reversed(log_text.splitlines()):
+        if line.startswith(_GUARD_STOP):
+            return f"was stopped from outside vtune ({line[len(_GUARD_STOP) :].strip()})"
+    return None
+
+
+_GUARD_STOP = "vtune guard: stopping vLLM: "  # what tuner/engine/guard.py prints
 
 
 def log_tail(text: str, n: int = 40) -> str:

@@ -17,9 +17,13 @@ Contract (what search / bench rely on):
 
 Process handling: vLLM runs under ``tuner/engine/guard.py`` (leader of a new session, with a
 parent-death signal), so neither a crash of vLLM's API server nor a SIGKILL of vtune leaves an
-orphaned EngineCore behind. SIGTERM / SIGINT to vtune stop running servers before vtune exits.
-Servers must be started from a long-lived thread (the kernel's parent-death signal fires when
-the starting *thread* exits). Log parsing lives in ``tuner.engine.log`` (pure, unit-tested).
+orphaned EngineCore behind. A stop request (SIGTERM / SIGINT) stops every running server first
+and then ends the run (:mod:`tuner.engine.interrupt`). Servers must be started from a
+long-lived thread (the kernel's parent-death signal fires when the starting *thread* exits).
+Log parsing lives in ``tuner.engine.log``; log files in ``tuner.engine.logfile`` (private).
+Once /health answers, the server must be ours: every socket listening on the port is held by
+our process group, and /v1/models serves the model we started; else another worker picked the
+same free port, and the start is retried on another port.
 """
 
 from __future__ import annotations
@@ -31,21 +35,23 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from tuner.engine.guard import group_members, shm_files, unlink_all
+from tuner.engine import interrupt
+from tuner.engine.guard import foreign_listeners, group_members, shm_files, unlink_all
 from tuner.engine.http import ServerInfo, attach, find_free_port, port_free, read_info, try_get
 from tuner.engine.log import (
     EngineFailure,
     FailureClass,
     classify_failure,
     log_tail,
+    outside_stop,
     redact_argv,
 )
+from tuner.engine.logfile import create_log, private_log_dir, reopen_log
 from tuner.engine.settings import EngineSettings, LaunchConfig, child_env
 from tuner.errors import EngineError
 
@@ -103,7 +109,7 @@ class VllmServer:
         self.settings = self.launch.effective(settings)
         self.settings.to_vllm_args()  # validate extra flags now, before anything starts
         if log_path is None:
-            log_dir = self.launch.log_dir or Path(tempfile.gettempdir()) / "vtune-logs"
+            log_dir = self.launch.log_dir or private_log_dir()
             stamp = time.strftime("%Y%m%d-%H%M%S")
             name = f"vllm-{stamp}-{os.getpid()}-{next(_counter)}-{self.settings.name[:80]}.log"
             log_path = log_dir / name
@@ -116,6 +122,7 @@ class VllmServer:
         self._stopped = False
         self._failure: EngineFailure | None = None
         self._t0 = 0.0
+        self._log_created = False  # the log file is ours: later port retries reuse it
 
     # -- public --------------------------------------------------------------------------
 
@@ -141,7 +148,8 @@ class VllmServer:
 
     def start(self) -> VllmServer:
         """Launch and wait for /health; raises :class:`ServerStartError` on any failure (the
-        processes are gone by then). Interrupted (Ctrl-C) starts are cleaned up as well."""
+        processes are gone by then). Interrupted starts (``Interrupted``, Ctrl-C) are cleaned
+        up as well."""
         if self._proc is not None:
             raise EngineError("this VllmServer was already started; make a new one")
         try:
@@ -173,22 +181,28 @@ class VllmServer:
         """Start vLLM (under the guard) without waiting; ``wait_ready()`` finishes the start."""
         self.port = port
         argv = self.argv(port)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         guard = [sys.executable, str(_GUARD), str(os.getpid()), str(self.launch.stop_grace_s), "--"]
-        with open(self.log_path, "w", encoding="utf-8") as log:
+        if self._log_created:
+            log = reopen_log(self.log_path)
+        else:
+            log, self.log_path = create_log(self.log_path)
+            self._log_created = True
+        with log:
             log.write(f"# vtune: {' '.join(redact_argv(argv))}\n")
             log.flush()
-            self._proc = subprocess.Popen(
-                guard + argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=child_env(self.settings, self.launch),
-                start_new_session=True,
-                close_fds=True,
-            )
-        self._t0 = time.monotonic()
-        _register(self)
+            # A stop request waits until the process is known (start() then stops it).
+            with interrupt.deferred():
+                self._proc = subprocess.Popen(
+                    guard + argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=child_env(self.settings, self.launch),
+                    start_new_session=True,
+                    close_fds=True,
+                )
+                self._t0 = time.monotonic()
+                _register(self)
 
     def wait_ready(self) -> EngineFailure | None:
         """Wait for /health 200 while watching the process; None when ready, else the failure
@@ -196,6 +210,7 @@ class VllmServer:
         deadline = self._t0 + self.launch.startup_timeout_s
         health = self.url + "/health"
         while True:
+            interrupt.check()
             if self._exit_code() is not None:
                 failure = self._dead_failure(started=False)
                 self.stop()
@@ -216,9 +231,8 @@ class VllmServer:
             if try_get(health, timeout=1.0) is not None:
                 break
             time.sleep(0.25)
-        self._healthy = True
         startup = time.monotonic() - self._t0
-        self.info = read_info(
+        info = read_info(
             self.url,
             log_text=self._log_text(),
             api_key=self.settings.api_key,
@@ -226,6 +240,25 @@ class VllmServer:
             log_path=self.log_path,
             argv=redact_argv(self.argv(self.port or 0)),
         )
+        stranger = self._stranger(info)
+        if stranger is not None:
+            failure = EngineFailure(FailureClass.PORT_IN_USE, stranger, "", self.log_path, None)
+            self.stop()
+            return failure
+        self._healthy = True
+        self.info = info
+        return None
+
+    def _stranger(self, info: ServerInfo) -> str | None:
+        """None when the server answering on our port is ours; else what answered. A model
+        name unknown (a key we do not have) or ``/proc/net`` unreadable count as ours."""
+        if self._proc is not None and foreign_listeners(self.port or 0, self._proc.pid):
+            return f"port {self.port} answered from outside this vLLM (another worker took it)"
+        given = [self.settings.model, self.settings.served_model_name]
+        given += [v for f, v in self.settings.extra if f == "--served-model-name"]
+        names = {n for g in given if g for n in [g, *g.split()]}  # names, space-separated
+        if info.model is not None and info.model not in names:
+            return f"port {self.port} serves {info.model!r}, not {self.settings.model!r}"
         return None
 
     def alive(self) -> bool:
@@ -243,7 +276,12 @@ class VllmServer:
         return self._failure
 
     def stop(self) -> list[int]:
-        """Stop the whole process group (idempotent). Returns survivors (normally empty)."""
+        """Stop the whole process group (idempotent). Returns survivors (normally empty).
+        A stop request arriving meanwhile does not cut it short (it stays pending)."""
+        with interrupt.shielded():
+            return self._stop()
+
+    def _stop(self) -> list[int]:
         proc = self._proc
         if proc is None or self._stopped:
             return self.survivors
@@ -300,9 +338,16 @@ class VllmServer:
             return ""
 
     def _dead_failure(self, *, started: bool) -> EngineFailure:
+        """Why the guard exited while we had not stopped it. Its exit status is vLLM's code;
+        killed by a signal, or saying that it was told to stop, it was stopped from outside
+        (KILLED, an environment failure: vLLM itself did not fail)."""
         text = self._log_text()
-        cls, message = classify_failure(text, started=started)
         code = self._exit_code()
+        outside = outside_stop(text, code)
+        if outside is not None:
+            message = f"the vLLM guard (pid {self.pid}) {outside}; vLLM was stopped with it"
+            return EngineFailure(FailureClass.KILLED, message, log_tail(text), self.log_path, code)
+        cls, message = classify_failure(text, started=started)
         if started and cls is FailureClass.CRASHED:
             message = f"vLLM died while serving (exit {code}): {message}"
         return EngineFailure(cls, message, log_tail(text), self.log_path, code)
@@ -320,7 +365,6 @@ def _wait_for(cond: Any, timeout: float, step: float = 0.1) -> bool:
 # --- cleanup on SIGTERM / SIGINT / exit ---------------------------------------------------
 
 _live: dict[int, VllmServer] = {}
-_previous: dict[int, Any] = {}
 _installed = False
 
 
@@ -329,9 +373,7 @@ def _register(server: VllmServer) -> None:
     _live[id(server)] = server
     if _installed or threading.current_thread() is not threading.main_thread():
         return
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        _previous[sig] = signal.getsignal(sig)
-        signal.signal(sig, _on_signal)
+    interrupt.install()  # the CLI installs it at its start; a library user gets it here
     atexit.register(stop_all)
     _installed = True
 
@@ -341,17 +383,11 @@ def _unregister(server: VllmServer) -> None:
 
 
 def stop_all() -> None:
-    """Stop every server this process started and has not stopped yet."""
+    """Stop every server this process started and has not stopped yet (the first thing a
+    stop request does, and at exit)."""
     for server in list(_live.values()):
         with contextlib.suppress(Exception):
             server.stop()
 
 
-def _on_signal(signum: int, frame: Any) -> None:
-    stop_all()
-    previous = _previous.get(signum)
-    if callable(previous):
-        previous(signum, frame)  # e.g. KeyboardInterrupt for SIGINT
-    elif previous != signal.SIG_IGN:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+interrupt.on_stop(stop_all)

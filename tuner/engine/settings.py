@@ -6,7 +6,9 @@ Unset (None) means vLLM's default and is never passed. The typed fields are the 
 config keys, parsing and name tags. Any other vLLM flag goes in ``extra`` as ``(flag, value)``
 pairs (value None for a bare flag). Secrets given as flags (``--hf-token``, ``--api-key``) never
 appear on argv or in the config mapping: ``secret_env`` moves them to the environment, because
-vLLM logs its non-default arguments and profiles are shared.
+vLLM logs its non-default arguments and profiles are shared. Anything written about settings
+(records, messages) goes through :func:`redact_settings` (``"api_key": "***"``), the one
+redaction of settings by name (:func:`is_secret`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +35,10 @@ _TYPED_FLAGS = {k.flag for k in KNOBS} | {k.off_flag for k in KNOBS if k.off_fla
 _RESERVED = {"--host", "--port", "--model", "--config"}
 # Secret flag -> environment variable vLLM reads instead.
 _SECRETS = {"--hf-token": "HF_TOKEN", "--api-key": "VLLM_API_KEY"}
+# A setting whose value is a secret, by its name (snake, kebab or flag form): api_key, hf_token,
+# token, *_secret, *_password; not max_num_batched_tokens, not tokenizer.
+_SECRET_NAME = re.compile(r"^([\w-]*[-_])?(token|key|secret|password)$", re.IGNORECASE)
+REDACTED = "***"
 
 
 def _flag(name: str) -> str:
@@ -113,7 +120,7 @@ class EngineSettings:
             if value is not None:
                 out[k.config_key] = value
         for flag, value in self.extra:
-            if flag in _SECRETS:
+            if flag in _SECRETS or is_secret(flag):  # records and shared files carry none
                 continue
             if value is None and flag.startswith("--no-"):
                 out[flag[5:]] = False
@@ -160,6 +167,17 @@ class EngineSettings:
             elif value is not None:
                 extra.append((_flag(name), str(value)))
         return cls(model=model, extra=tuple(extra), **kwargs)
+
+
+def is_secret(name: str) -> bool:
+    """Whether the setting ``name`` (``api_key``, ``hf-token``, ``--api-key``...) holds a secret."""
+    return bool(_SECRET_NAME.match(str(name).strip().lstrip("-")))
+
+
+def redact_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with every secret's value (:func:`is_secret`) replaced by ``***``: the one
+    redaction of settings for records, logs and messages (a profile drops secrets instead)."""
+    return {k: REDACTED if is_secret(k) and v is not None else v for k, v in values.items()}
 
 
 def secret_env(settings: EngineSettings) -> dict[str, str]:
@@ -247,3 +265,10 @@ def child_env(settings: EngineSettings, launch: LaunchConfig) -> dict[str, str]:
     env.update(launch.env)
     env.update(secret_env(settings))
     return env
+
+
+def served_api_key(settings: EngineSettings, launch: LaunchConfig) -> str | None:
+    """The API key the server started with ``settings`` and ``launch`` requires (vLLM reads
+    ``--api-key``, else ``VLLM_API_KEY`` from its environment); None when it requires none.
+    A client of that server (the search's load) sends it."""
+    return child_env(settings, launch).get("VLLM_API_KEY") or None

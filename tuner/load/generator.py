@@ -2,10 +2,10 @@
 
 * :class:`LoadConfig` — rate, burstiness, concurrency, warm-up, stop by count or duration,
   per-request timeout, endpoint; an API key a header cannot carry is refused here.
-* :func:`arrivals` — the schedule, an async generator of ``(request, due_at)`` apart from the
-  sender: Poisson (burstiness 1), gamma (other burstiness; shape = burstiness,
-  scale = 1 / (rate * burstiness), as vLLM defines it), constant (burstiness = inf) or all at
-  once (rate = inf, usually with a concurrency limit: closed loop).
+* :func:`arrivals` — the schedule (:mod:`tuner.load.schedule`): Poisson, gamma, constant or all
+  at once (rate = inf, usually with a concurrency limit: closed loop); a request set built to
+  replay a trace (every measured request has ``Request.at``) goes at its recorded times instead,
+  and a conversation's turns wait for their session's previous turn and think time.
 * :func:`run_load` — warm-up (not measured), then the measured phase until the request count or
   the duration is reached; returns every record and the measurement window.
 
@@ -21,13 +21,20 @@ import gc
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 
 from tuner.errors import ParameterError
+from tuner.load.schedule import (
+    SessionGate,
+    arrivals,
+    interarrival_gaps,
+    replay_arrivals,
+    replays,
+)
 from tuner.load.stream import (
     Flight,
     RequestRecord,
@@ -55,7 +62,6 @@ __all__ = [
 ]
 
 clock = time.perf_counter
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -141,48 +147,6 @@ class LoadResult:
 # --- arrivals ---------------------------------------------------------------------------------
 
 
-def interarrival_gaps(rate: float, burstiness: float, rng: np.random.Generator) -> Iterator[float]:
-    """Endless gaps between arrivals: 0 for an infinite rate, 1/rate for infinite burstiness,
-    otherwise gamma(shape=burstiness, scale=1/(rate*burstiness)) (exponential at 1)."""
-    if math.isinf(rate):
-        return itertools.repeat(0.0)
-    if math.isinf(burstiness):
-        return itertools.repeat(1.0 / rate)
-    scale = 1.0 / (rate * burstiness)
-
-    def gen() -> Iterator[float]:
-        while True:  # draw in blocks: one numpy call per 256 arrivals
-            yield from rng.gamma(burstiness, scale, size=256).tolist()
-
-    return gen()
-
-
-async def arrivals(
-    requests: Iterable[T],
-    rate: float,
-    burstiness: float,
-    rng: np.random.Generator,
-    *,
-    until: float | None = None,
-) -> AsyncIterator[tuple[T, float]]:
-    """Yield ``(request, due_at)`` when each request is due (the first at once).
-
-    ``due_at`` is an absolute ``perf_counter`` time; the generator sleeps until then, so the
-    consumer only sends. Stops when ``requests`` runs out or the next arrival is past ``until``.
-    """
-    due = clock()
-    gaps = interarrival_gaps(rate, burstiness, rng)
-    for i, request in enumerate(requests):
-        if i:
-            due += next(gaps)
-        if until is not None and due >= until:
-            return
-        delay = due - clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        yield request, due
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -229,6 +193,7 @@ async def run_load(
         if cfg.warmup:
             warm, _ = await sender.phase(range(cfg.warmup), math.inf, None)
         measured = range(cfg.warmup, len(requests))
+        replay = replays(requests, measured)  # a trace built for replay: its own send times
         if cfg.duration_s is not None and cfg.num_requests is None:
             order: Iterable[int] = itertools.cycle(measured)
         elif cfg.num_requests is not None:
@@ -240,7 +205,7 @@ async def run_load(
         with _gc_frozen():
             start = clock()
             until = start + cfg.duration_s if cfg.duration_s is not None else None
-            records, stopped = await sender.phase(order, cfg.rate, until, observer)
+            records, stopped = await sender.phase(order, cfg.rate, until, observer, replay)
             end = clock()
     finally:
         await transport.close()
@@ -282,6 +247,7 @@ class _Sender:
     bodies: list[bytes]
     cfg: LoadConfig
     stop: asyncio.Event
+    gate: SessionGate = field(default_factory=SessionGate)  # across phases: warm-up turns count
 
     async def phase(
         self,
@@ -289,21 +255,28 @@ class _Sender:
         rate: float,
         until: float | None,
         observer: Observer | None = None,
+        replay: bool = False,
     ) -> tuple[list[RequestRecord], str]:
-        """Send ``order`` on the schedule and wait for every request to finish.
+        """Send ``order`` on the schedule (``replay``: at the requests' own send times) and wait
+        for every request to finish.
 
         With a concurrency limit the sender takes a semaphore slot before it sends (closed
         loop: the next request waits for a free slot, never more than the limit in flight).
-        Returns the records in send order and why sending stopped.
+        A conversation's turn waits in its task for its session's previous turn (and, unless
+        the loop is closed, its think time), holding its slot. Returns the records in send
+        order and why sending stopped.
         """
         cfg, stop = self.cfg, self.stop
         sem = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency else None
         flights: dict[asyncio.Task[RequestRecord], Flight] = {}
         rng = np.random.default_rng(cfg.seed)
         exhausted = False
+        think = replay or not math.isinf(rate)
 
-        async def one(i: int, f: Flight) -> RequestRecord:
+        async def one(i: int, f: Flight, prev: asyncio.Task[Any] | None) -> RequestRecord:
             try:
+                if prev is not None:
+                    f.due = await SessionGate.wait(prev, self.requests[i], f.due, think)
                 if observer is not None:
                     observer.started()
                 rec = await send_request(
@@ -326,7 +299,11 @@ class _Sender:
             exhausted = True
 
         stop_wait = asyncio.ensure_future(stop.wait())
-        schedule = arrivals(source(), rate, cfg.burstiness, rng, until=until)
+        schedule = (
+            replay_arrivals(source(), self.requests, until=until)
+            if replay
+            else arrivals(source(), rate, cfg.burstiness, rng, until=until)
+        )
         try:
             async with contextlib.aclosing(schedule):
                 async for i, due in schedule:
@@ -337,7 +314,10 @@ class _Sender:
                             sem.release()
                         break
                     f = Flight(i, self.requests[i], due)
-                    flights[asyncio.create_task(one(i, f))] = f
+                    prev = self.gate.previous(f.request)
+                    task = asyncio.create_task(one(i, f, prev))
+                    self.gate.sent(f.request, task)
+                    flights[task] = f
             stopped = "count" if exhausted or until is None else "duration"
             if flights and not stop.is_set():
                 everything = asyncio.gather(*flights, return_exceptions=True)

@@ -1,11 +1,16 @@
 """Request sets: what a benchmark sends, built before the load starts.
 
-Three sources, all seeded and reproducible (same tokenizer + same seed -> same requests):
+Four sources, all seeded and reproducible (same tokenizer + same seed -> same requests):
 
 * :func:`random_requests` — random token ids with exact input lengths and exact output lengths
   (``ignore_eos`` + ``min_tokens``), fixed or drawn from a range, optionally behind a shared prefix;
 * :func:`sharegpt_requests` — conversations from a ShareGPT-format JSON file;
-* :func:`load_tokenizer` — the model's own tokenizer from its local directory (never downloads).
+* :func:`trace_requests` — a recorded trace (:mod:`tuner.load.trace`), replayed or re-sampled;
+* synthetic multi-turn conversations (:mod:`tuner.load.conversations`).
+
+:class:`WorkloadSpec` says which, :func:`build_requests` builds them; the prompt building blocks
+(:class:`Request`, :class:`LengthRange`, :func:`load_tokenizer`) live in
+:mod:`tuner.load.prompts` and are re-exported here.
 
 For ``/v1/completions`` a prompt is a tuple of token ids, so its length is exact by
 construction. For ``/v1/chat/completions`` it is text built (decode, re-encode, adjust) so that it
@@ -14,146 +19,53 @@ tokenizes to the requested length.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import numpy as np
 
-from tuner.errors import DatasetError, ModelError, ParameterError
+from tuner.errors import DatasetError, ParameterError
+from tuner.load.conversations import (
+    ConversationSpec,
+    conversation_plan,
+    conversation_requests,
+    mean_context,
+    session_requests,
+)
+from tuner.load.prompts import (
+    Endpoint,
+    LengthRange,
+    Request,
+    Tokenizer,
+    TokenSource,
+    exact_text,
+    load_tokenizer,
+    usable_ids,
+    word_pool,
+)
+from tuner.load.trace import ideal_prefix_reuse, read_trace
 
-Endpoint = Literal["completions", "chat"]
-
-
-class Tokenizer(Protocol):
-    """The slice of a Hugging Face tokenizer that request building needs."""
-
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-    def decode(self, ids: list[int]) -> str: ...
-
-
-@dataclass(frozen=True)
-class Request:
-    """One request to send: a prompt and the exact number of tokens to generate.
-
-    ``prompt`` is a tuple of token ids (exact length, for /v1/completions) or text (chat, or
-    completions without a tokenizer). ``prompt_len`` is its length in the model's tokens.
-    """
-
-    prompt: tuple[int, ...] | str
-    prompt_len: int
-    output_len: int
-
-
-@dataclass(frozen=True)
-class LengthRange:
-    """A token count: fixed (``low == high``) or uniform over ``[low, high]`` inclusive."""
-
-    low: int
-    high: int
-
-    def __post_init__(self) -> None:
-        if self.low < 1 or self.high < self.low:
-            raise ParameterError(f"bad length range {self}: need 1 <= low <= high")
-
-    @classmethod
-    def fixed(cls, n: int) -> LengthRange:
-        return cls(n, n)
-
-    @classmethod
-    def parse(cls, text: str | int) -> LengthRange:
-        """``"128"`` -> fixed 128; ``"64:256"`` or ``"64-256"`` -> uniform in [64, 256]."""
-        raw = str(text).strip()
-        m = re.fullmatch(r"(\d+)\s*(?:[:\-]\s*(\d+))?", raw)
-        if not m:
-            raise ParameterError(f"not a token length or range: {raw!r} (use e.g. 128 or 64:256)")
-        low = int(m.group(1))
-        high = int(m.group(2)) if m.group(2) else low
-        return cls(low, high)
-
-    def draw(self, rng: np.random.Generator, n: int) -> list[int]:
-        if self.low == self.high:
-            return [self.low] * n
-        return rng.integers(self.low, self.high + 1, size=n).tolist()
-
-    def __str__(self) -> str:
-        return str(self.low) if self.low == self.high else f"{self.low}:{self.high}"
-
-
-def load_tokenizer(model_dir: str | Path, *, local_files_only: bool = True) -> Any:
-    """The model's tokenizer, from local files only unless ``local_files_only`` is False (a hub
-    id whose weights a quantization tool downloads anyway); ModelError in one line."""
-    from transformers import AutoTokenizer  # heavy import, only when a request set is built
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=local_files_only)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load the tokenizer of {model_dir}: {first}") from None
-
-
-def _usable_ids(tokenizer: Any) -> np.ndarray:
-    """Vocabulary ids that are not special tokens (so random prompts never contain EOS/BOS)."""
-    size = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    ids = np.array([i for i in range(size) if i not in special], dtype=np.int64)
-    if ids.size == 0:
-        raise ModelError("the tokenizer has no non-special tokens")
-    return ids
-
-
-_WORD = re.compile(r"^ ?[A-Za-z]{2,}$")
-
-
-def _word_pool(tokenizer: Any, rng: np.random.Generator, want: int = 2000) -> np.ndarray:
-    """Ids of tokens that are whole words (" harbour") and re-encode to themselves: text made
-    of them tokenizes back to the same ids, so chat prompts get exact lengths. Empty if the
-    vocabulary has too few such tokens."""
-    ids = _usable_ids(tokenizer)
-    found: list[int] = []
-    for start in range(0, ids.size, 4096):
-        block = ids[start : start + 4096].tolist()
-        texts = [tokenizer.decode([i]) for i in block]
-        cands = [(i, t) for i, t in zip(block, texts, strict=True) if _WORD.match(t)]
-        spaced = [c for c in cands if c[1].startswith(" ")]
-        cands = spaced or cands
-        if cands:
-            enc = tokenizer([t for _, t in cands], add_special_tokens=False)["input_ids"]
-            found += [i for (i, _), e in zip(cands, enc, strict=True) if list(e) == [i]]
-        if len(found) >= want:
-            break
-    return np.array(found if len(found) >= 20 else [], dtype=np.int64)
-
-
-def exact_text(
-    tokenizer: Tokenizer,
-    ids: list[int],
-    target: int,
-    rng: np.random.Generator,
-    pool: np.ndarray,
-    tries: int = 20,
-) -> tuple[str, int]:
-    """Text that re-tokenizes (without special tokens) to ``target`` tokens; returns (text, len).
-
-    Decoding then encoding is not an identity for BPE tokenizers, so adjust and retry (as vLLM's
-    benchmark does); the returned length is what the tokenizer really gives, equal to ``target``
-    unless every retry failed.
-    """
-    seq = list(ids)
-    text = tokenizer.decode(seq)
-    for _ in range(tries):
-        text = tokenizer.decode(seq)
-        seq = list(tokenizer.encode(text, add_special_tokens=False))
-        if len(seq) == target:
-            return text, target
-        if len(seq) > target:
-            seq = seq[:target]
-        else:
-            seq += rng.choice(pool, size=target - len(seq)).tolist()
-    text = tokenizer.decode(seq)
-    return text, len(tokenizer.encode(text, add_special_tokens=False))
+__all__ = [
+    "DEFAULT_INPUT_LEN",
+    "DEFAULT_OUTPUT_LEN",
+    "ConversationSpec",
+    "Endpoint",
+    "LengthRange",
+    "Request",
+    "Tokenizer",
+    "WorkloadSpec",
+    "build_requests",
+    "dataset_source",
+    "exact_text",
+    "load_tokenizer",
+    "random_requests",
+    "read_sharegpt",
+    "sharegpt_requests",
+    "trace_requests",
+]
 
 
 def random_requests(
@@ -181,9 +93,9 @@ def random_requests(
             f"input length {input_len} must exceed the shared prefix length {prefix_len}"
         )
     rng = np.random.default_rng(seed)
-    pool = _usable_ids(tokenizer)
+    pool = usable_ids(tokenizer)
     if endpoint == "chat":  # whole-word tokens keep text prompts exact after re-tokenizing
-        words = _word_pool(tokenizer, rng)
+        words = word_pool(tokenizer, rng)
         pool = words if words.size else pool
     prefixes = [rng.choice(pool, size=prefix_len).tolist() for _ in range(num_prefixes)]
     in_lens = input_len.draw(rng, num)
@@ -309,8 +221,15 @@ DEFAULT_OUTPUT_LEN = LengthRange(128, 128)
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """Which requests to send: random lengths (``input_len``/``output_len``) or a ShareGPT file
-    (``dataset``; ``output_len`` then overrides the reference answers' lengths if given)."""
+    """Which requests to send: random lengths (``input_len``/``output_len``), a ShareGPT file
+    (``dataset``; ``output_len`` then overrides the reference answers' lengths if given), a
+    request trace (``trace``, :mod:`tuner.load.trace`; its own lengths, ``output_len`` unused)
+    or synthetic conversations (``conversations``, :mod:`tuner.load.conversations`;
+    ``input_len`` per user message, ``output_len`` per answer, ``prefix_len`` the system
+    prompt when given, ``num_prefixes`` how many system prompts).
+
+    A trace is re-sampled (whole sessions, for the caller's arrival process) unless ``replay``:
+    then its requests go in recorded order, each at its recorded time times ``time_scale``."""
 
     num_prompts: int = 100
     input_len: LengthRange = DEFAULT_INPUT_LEN
@@ -319,23 +238,90 @@ class WorkloadSpec:
     prefix_len: int = 0
     num_prefixes: int = 1
     seed: int = 0
+    trace: Path | None = None
+    conversations: ConversationSpec | None = None
+    replay: bool = False
+    time_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
             raise ParameterError(f"--num-prompts must be at least 1, got {self.num_prompts}")
-        if self.dataset is None and self.output_len is None:
+        sources = [x for x in (self.dataset, self.trace, self.conversations) if x is not None]
+        if len(sources) > 1:
+            raise ParameterError("give one dataset: a ShareGPT file, a trace or conversations")
+        if self.dataset is None and self.trace is None and self.output_len is None:
             raise ParameterError("random prompts need an output length")
+        if not self.time_scale > 0:
+            raise ParameterError(f"--time-scale must be positive, got {self.time_scale}")
+        if self.replay and self.trace is None:
+            raise ParameterError("only a trace (--dataset trace:FILE) can be replayed")
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether prompts share prefixes (so prefix caching is worth trying)."""
+        if self.prefix_len > 0 or self.conversations is not None:
+            return True
+        if self.trace is None:
+            return False
+        return (ideal_prefix_reuse(read_trace(self.trace).requests) or 0.0) > 0.0
+
+    def context_len(self) -> int:
+        """The typical request's context (mean input plus mean output tokens)."""
+        if self.trace is not None:
+            return mean_context(read_trace(self.trace).requests)
+        if self.conversations is not None:
+            assert self.output_len is not None
+            plan = conversation_plan(
+                self.conversations.with_system(self.prefix_len),
+                self.input_len,
+                self.output_len,
+                256,
+                seed=self.seed,
+            )
+            return mean_context(plan)
+        if self.dataset is not None:
+            return 1024  # ShareGPT-like data: about 1K tokens of context per conversation
+        out = self.output_len
+        assert out is not None
+        return int((self.input_len.low + self.input_len.high) / 2 + (out.low + out.high) / 2)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        """JSON-safe; the keys of a random or ShareGPT workload are as they always were (a
+        search's study name hashes this), the others add theirs."""
+        out: dict[str, Any] = {
             "num_prompts": self.num_prompts,
             "dataset": str(self.dataset) if self.dataset else "random",
-            "input_len": None if self.dataset else str(self.input_len),
-            "output_len": None if self.output_len is None else str(self.output_len),
+            "input_len": None if self.dataset or self.trace else str(self.input_len),
+            "output_len": None if self.output_len is None or self.trace else str(self.output_len),
             "prefix_len": self.prefix_len,
             "num_prefixes": self.num_prefixes,
             "seed": self.seed,
         }
+        if self.trace is not None:
+            digest = hashlib.sha256(self.trace.read_bytes()).hexdigest()[:16]
+            out.update(dataset=f"trace:{self.trace}", trace_sha256=digest, replay=self.replay)
+            if self.replay:
+                out["time_scale"] = self.time_scale
+        if self.conversations is not None:
+            spec = self.conversations.with_system(self.prefix_len)
+            out.update(dataset="conversations", conversations=spec.describe())
+        return out
+
+
+def dataset_source(text: str | None) -> dict[str, Any]:
+    """``--dataset`` as :class:`WorkloadSpec` keyword arguments: ``conversations[:KEY=VALUE,...]``
+    (:class:`ConversationSpec`), ``trace:FILE`` (read and checked now, so a bad line fails
+    before anything starts) or a ShareGPT JSON file; ``{}`` for None (random prompts)."""
+    if text is None or not text.strip():
+        return {}
+    raw = text.strip()
+    if raw.lower().split(":", 1)[0] == "conversations":
+        return {"conversations": ConversationSpec.parse(raw)}
+    if raw.lower().startswith("trace:"):
+        path = Path(raw[len("trace:") :])
+        read_trace(path)
+        return {"trace": path}
+    return {"dataset": Path(raw)}
 
 
 def build_requests(
@@ -343,6 +329,20 @@ def build_requests(
 ) -> list[Request]:
     """``extra`` (warm-up) requests followed by ``spec.num_prompts`` measured ones."""
     n = spec.num_prompts + extra
+    if spec.trace is not None:
+        return trace_requests(tokenizer, spec, extra, endpoint)
+    if spec.conversations is not None:
+        assert spec.output_len is not None
+        return conversation_requests(
+            tokenizer,
+            spec.conversations.with_system(spec.prefix_len),
+            spec.input_len,
+            spec.output_len,
+            n,
+            seed=spec.seed,
+            num_systems=spec.num_prefixes,
+            endpoint=endpoint,
+        )
     if spec.dataset is not None:
         return sharegpt_requests(
             tokenizer,
@@ -362,4 +362,26 @@ def build_requests(
         prefix_len=spec.prefix_len,
         num_prefixes=spec.num_prefixes,
         endpoint=endpoint,
+    )
+
+
+def trace_requests(
+    tokenizer: Any, spec: WorkloadSpec, extra: int = 0, endpoint: Endpoint = "completions"
+) -> list[Request]:
+    """A trace's requests: ``extra`` warm-up ones (copies of its first requests, outside any
+    session, no send time), then ``spec.num_prompts`` replayed (recorded order, ``Request.at``
+    set) or re-sampled (whole sessions, interleaved)."""
+    assert spec.trace is not None
+    trace = read_trace(spec.trace)
+    tokens = TokenSource.of(tokenizer, endpoint, np.random.default_rng(spec.seed))
+    if not spec.replay:
+        plan = trace.resample(spec.num_prompts + extra, seed=spec.seed)
+        return session_requests(tokens, plan, seed=spec.seed)
+    warm = [
+        replace(trace.requests[i % len(trace.requests)], session=f"warmup-{i}", turn=0)
+        for i in range(extra)
+    ]
+    measured = trace.replay(spec.num_prompts, spec.time_scale)
+    return session_requests(tokens, warm, seed=spec.seed) + session_requests(
+        tokens, measured, seed=spec.seed, replay=True
     )

@@ -1,7 +1,8 @@
 """Measuring one configuration: ``vtune bench`` without the printing.
 
-* :func:`measure` — load + scrape + summarize against a server that is already running; the
-  search calls it many times within one launch (one rate after another).
+* :func:`measure` — load + scrape + telemetry + summarize against a server that is already
+  running (:mod:`tuner.measure.point`; re-exported here); the search calls it many times
+  within one launch (one rate after another).
 * :func:`run_bench` — the whole job: build the requests (before anything starts, so bad input
   fails fast), start vLLM or attach to ``--url``, measure, stop. A server that fails to start or
   dies mid-run gives a result with its failure class; the records so far are kept and the result
@@ -11,10 +12,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +22,7 @@ from typing import Any
 from tuner.engine.server import EngineSettings, LaunchConfig, ServerStartError
 from tuner.errors import ParameterError
 from tuner.files import atomic_write_json
-from tuner.load.generator import (
-    LoadConfig,
-    LoadResult,
-    Observer,
-    RequestRecord,
-    Window,
-    auth_headers,
-    run_load,
-)
+from tuner.load.generator import LoadConfig, Observer
 from tuner.load.workload import (
     Request,
     WorkloadSpec,
@@ -38,71 +30,12 @@ from tuner.load.workload import (
     load_tokenizer,
     read_sharegpt,
 )
-from tuner.measure.metrics import BenchSummary, summarize
-from tuner.measure.scrape import Scraper, ServerStats
+from tuner.measure.metrics import BenchSummary
+from tuner.measure.point import Measurement, measure
 from tuner.measure.session import ServerDied, launched, run_async, run_watched
 from tuner.measure.slo import Slo
-
-# --- one measurement on a running server --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One load run on a running server: the raw records, their summary, the server's view."""
-
-    load: LoadResult
-    summary: BenchSummary
-    server: ServerStats | None
-
-    @property
-    def records(self) -> tuple[RequestRecord, ...]:
-        return self.load.records
-
-    @property
-    def window(self) -> Window:
-        return self.load.window
-
-
-async def measure(
-    url: str,
-    model_name: str,
-    requests: Sequence[Request],
-    load_cfg: LoadConfig,
-    scraper: bool = True,
-    *,
-    slo: Slo | None = None,
-    stop: asyncio.Event | None = None,
-    scrape_interval: float = 0.5,
-    observer: Observer | None = None,
-) -> Measurement:
-    """Drive ``url`` with ``requests`` (the first ``load_cfg.warmup`` are warm-up), scraping
-    ``/metrics`` during the measured window unless ``scraper`` is False; summarize afterwards.
-
-    Never raises because of the server: failures are in the records (and ``stop``, set by the
-    caller, ends the run early with the records so far).
-    """
-    if not scraper:
-        load = await run_load(url, model_name, requests, load_cfg, stop=stop, observer=observer)
-        return Measurement(load, summarize(load.records, load.window, slo), None)
-    scr = Scraper(url, interval=scrape_interval, headers=_bearer_only(load_cfg.api_key))
-    try:
-        # The scraper starts after warm-up, so its counter deltas cover the measured phase only.
-        load = await run_load(
-            url, model_name, requests, load_cfg, stop=stop, on_measure=scr.start, observer=observer
-        )
-        # vLLM updates its counters as it sends the last chunk; give it a moment.
-        await asyncio.sleep(0.05)
-    finally:
-        await scr.stop()
-    summary = summarize(load.records, load.window, slo)
-    return Measurement(load, summary, scr.summary(load.window.start, load.window.end))
-
-
-def _bearer_only(api_key: str | None) -> dict[str, str]:
-    headers = auth_headers(api_key)
-    headers.pop("Content-Type", None)
-    return headers
-
+from tuner.measure.watch import WatchPlan
+from tuner.specs.gpu import GpuSpec
 
 # --- the whole bench ----------------------------------------------------------------------------
 
@@ -124,6 +57,7 @@ class BenchConfig:
     slo: Slo | None = None
     scrape: bool = True
     scrape_interval: float = 0.5
+    watch: WatchPlan | None = None
 
     def __post_init__(self) -> None:
         if self.url is None and self.engine is None:
@@ -151,6 +85,7 @@ class BenchConfig:
             "workload": self.workload.describe(),
             "load": load,
             "slo": None if self.slo is None else str(self.slo),
+            "peaks": self.watch.peaks_json() if self.watch is not None else None,
         }
 
 
@@ -186,6 +121,7 @@ class BenchResult:
             "partial": self.partial,
             "config": self.config,
             "server_info": self.server_info,
+            "peaks": self.config.get("peaks"),
         }
         m = self.measurement
         cfg_load = self.config.get("load", {})
@@ -212,6 +148,8 @@ class BenchResult:
             {"term": t, "value_ms": None if v is None else v * 1e3, "ok": ok}
             for t, v, ok in self.slo_check
         ]
+        out["telemetry"] = m.telemetry_json()
+        out["roofline"] = m.roofline_json()
         return out
 
 
@@ -281,6 +219,7 @@ def run_bench(
                 slo=cfg.slo,
                 scrape_interval=cfg.scrape_interval,
                 observer=observer,
+                watch=None if cfg.watch is None else cfg.watch.for_url(info.url),
             )
         )
         return _finish(cfg, m, info.to_json())
@@ -300,6 +239,7 @@ def _bench_launched(
             info = server.info.to_json()
             name = cfg.served_model_name or server.info.model or cfg.engine.model
             say(f"vLLM is up at {server.url} after {server.info.startup_s} s; measuring")
+            watch = None if cfg.watch is None else cfg.watch.for_server(server)
             m = run_watched(
                 server,
                 lambda stop: measure(
@@ -312,6 +252,7 @@ def _bench_launched(
                     stop=stop,
                     scrape_interval=cfg.scrape_interval,
                     observer=observer,
+                    watch=watch,
                 ),
             )
     except ServerStartError as exc:
@@ -348,6 +289,22 @@ def device_for(gpu: str | None) -> str | None:
     from tuner.specs.gpu import get_gpu
 
     return "cpu" if get_gpu(gpu).is_cpu else "cuda"
+
+
+def local_gpu(gpu: str | None, device: str | None) -> GpuSpec | None:
+    """The registry entry the roofline measures against: ``--gpu``'s; else "cpu" when the
+    device is the CPU; else the first GPU detected here when the registry has it; else None
+    (no roofline)."""
+    from tuner.specs.gpu import get_gpu
+
+    if gpu is not None:
+        return get_gpu(gpu)
+    if device == "cpu":
+        return get_gpu("cpu")
+    from tuner.specs.detect import detect_gpus, match_detected
+
+    found = detect_gpus()
+    return match_detected(found[0]) if found else None
 
 
 def vllm_is_cpu_build() -> bool:

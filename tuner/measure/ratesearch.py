@@ -53,12 +53,16 @@ class LoadPoint:
 
 @dataclass(frozen=True)
 class RatePoint:
-    """A measured load point: its summary, whether the SLO held, the server's own figures."""
+    """A measured load point: its summary, whether the SLO held, the server's own figures,
+    the telemetry sampled while it ran and its roofline (``Measurement.telemetry_json()`` and
+    ``roofline_json()``; None when not watched)."""
 
     load: LoadPoint
     summary: Summary
     slo_met: bool
     server: dict[str, Any] | None = None
+    telemetry: dict[str, Any] | None = None
+    roofline: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +70,8 @@ class RatePoint:
             "slo_met": self.slo_met,
             "summary": self.summary.to_json(),
             "server": self.server,
+            "telemetry": self.telemetry,
+            "roofline": self.roofline,
         }
 
 

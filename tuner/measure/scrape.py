@@ -3,8 +3,9 @@
 :class:`Scraper` is an asyncio task that polls ``/metrics`` every ``interval`` seconds, keeps a
 time series of the metrics in :data:`WATCHED` and never lets a failed scrape stop the load
 (failures are counted). :meth:`Scraper.summary` reduces the series over a window to
-:class:`ServerStats`: peak KV-cache usage, preemptions, max running / waiting, token deltas and
-the server's own TTFT (from its histogram).
+:class:`ServerStats`: peak KV-cache usage, preemptions, max running / waiting, token deltas,
+the server's own TTFT (from its histogram) and the prefix-cache hit rate (cached prompt tokens
+over prompt tokens looked up).
 
 :func:`parse_metrics` is pure: Prometheus text -> ``{name: value}`` summed over label sets
 (engines, models), histogram buckets keyed ``name{le="x"}``.
@@ -32,6 +33,9 @@ PROMPT_TOKENS = "vllm:prompt_tokens_total"
 TTFT = "vllm:time_to_first_token_seconds"
 E2E = "vllm:e2e_request_latency_seconds"
 SUCCESS = "vllm:request_success_total"
+# Prefix cache, in prompt tokens: queried and found cached (vLLM V1's counters).
+PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+PREFIX_HITS = "vllm:prefix_cache_hits_total"
 
 WATCHED = (
     RUNNING,
@@ -44,6 +48,8 @@ WATCHED = (
     SUCCESS,
     TTFT,
     E2E,
+    PREFIX_QUERIES,
+    PREFIX_HITS,
 )
 _PREFIXES = tuple(name.encode() for name in WATCHED) + tuple(
     b"# TYPE " + name.encode() for name in WATCHED
@@ -101,11 +107,21 @@ class ServerStats:
     ttft_buckets: tuple[tuple[float, float], ...] = field(default=())
     # (seconds since the window's start, KV usage 0..1, running, waiting) per scrape.
     series: tuple[tuple[float, float | None, float | None, float | None], ...] = field(default=())
+    # Prompt tokens looked up in / found in the prefix cache over the window; None when the
+    # server does not export the counters. The rate is hits / queries (None with no query).
+    prefix_cache_queries: float | None = None
+    prefix_cache_hits: float | None = None
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        q, h = self.prefix_cache_queries, self.prefix_cache_hits
+        return None if q is None or h is None or q <= 0 else h / q
 
     def to_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["ttft_buckets"] = [list(b) for b in self.ttft_buckets]
         out["series"] = [list(p) for p in self.series]
+        out["prefix_cache_hit_rate"] = self.prefix_cache_hit_rate
         return out
 
 
@@ -248,4 +264,6 @@ def summarize_samples(
             )
             for s in span
         ),
+        prefix_cache_queries=delta(PREFIX_QUERIES),
+        prefix_cache_hits=delta(PREFIX_HITS),
     )

@@ -11,6 +11,12 @@
   :class:`ServerDied` with the failure (class + log) and whatever the work returned.
 * :func:`run_async` — the event loop alone (uvloop when installed), for a server someone else
   runs (``vtune bench --url``).
+
+A stop request (SIGTERM / SIGINT, :mod:`tuner.engine.interrupt`) has stopped the servers
+already; inside an event loop its exception cannot be raised (the loop would swallow it), so
+both functions end the work within their grace period and then raise
+:class:`tuner.errors.Interrupted`, never :class:`ServerDied`: a server stopped on a stop request
+did not die, and what was measured is not a result.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from tuner.engine import interrupt
 from tuner.engine import server as engine
 from tuner.engine.log import EngineFailure
 from tuner.engine.settings import EngineSettings, LaunchConfig
@@ -70,6 +77,7 @@ def launched(
     try:
         server.start()
     except engine.ServerStartError as exc:
+        interrupt.check()  # a start cut short by a stop request is not a failed start
         if exc.failure.log_path is not None:
             raise
         raise engine.ServerStartError(replace(exc.failure, log_path=server.log_path)) from exc
@@ -96,7 +104,8 @@ def run_watched(
     Returns what the work returned when the server stayed up. Raises :class:`ServerDied` when
     the server is found dead during or right after the work, whether the work returned (its
     result is ``partial``), raised (chained) or was cancelled. With the server up, an exception
-    from the work propagates unchanged.
+    from the work propagates unchanged. A stop request ends the work the same way and raises
+    :class:`~tuner.errors.Interrupted` instead, whatever the work did.
     """
 
     async def main() -> asyncio.Future[T]:
@@ -104,7 +113,7 @@ def run_watched(
         task = asyncio.ensure_future(work(stop))
         while not task.done():
             await asyncio.wait({task}, timeout=poll_s)
-            if task.done() or server.alive():
+            if task.done() or (server.alive() and interrupt.pending() is None):
                 continue
             stop.set()
             await asyncio.wait({task}, timeout=grace_s)
@@ -113,7 +122,15 @@ def run_watched(
                 await asyncio.wait({task})
         return task
 
-    task = run_async(main())
+    try:
+        task = _run_loop(main())
+    except BaseException:
+        interrupt.check()
+        raise
+    if interrupt.pending() is not None:  # ended on a stop request: not a death, not a result
+        if not task.cancelled():
+            task.exception()  # retrieved, so that asyncio does not log it at exit
+        interrupt.check()
     failure = server.poll_failure()
     if failure is not None or not server.alive():
         error = None if task.cancelled() else task.exception()
@@ -122,9 +139,30 @@ def run_watched(
     return task.result()  # the work's exception, if it raised, propagates from here
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
+def run_async(coro: Coroutine[Any, Any, T], *, poll_s: float = POLL_S) -> T:
     """Run ``coro`` in a new event loop: uvloop when it is installed (less client overhead per
-    streamed chunk), else asyncio's own."""
+    streamed chunk), else asyncio's own. A stop request cancels it (within ``poll_s``) and
+    raises :class:`~tuner.errors.Interrupted`."""
+
+    async def main() -> T:
+        task = asyncio.ensure_future(coro)
+        while not task.done():
+            await asyncio.wait({task}, timeout=poll_s)
+            if not task.done() and interrupt.pending() is not None:
+                task.cancel()
+                await asyncio.wait({task})
+        return task.result()
+
+    try:
+        result = _run_loop(main())
+    except BaseException:
+        interrupt.check()
+        raise
+    interrupt.check()
+    return result
+
+
+def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from tuner.errors import ParameterError
+from tuner.errors import ParameterError, UnknownGpuError
+from tuner.specs.gpu import get_gpu
 
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 PROFILE_DIR = "/etc/vtune"
@@ -108,6 +109,74 @@ def gpus_for(config: Mapping[str, Any]) -> int:
         except (TypeError, ValueError):
             raise ParameterError(f"the profile's {key} is not an integer: {value!r}") from None
     return total
+
+
+_HEADER = re.compile(r"^# vtune \S+ profile for .* on (\S+) \(vLLM", re.MULTILINE)
+_MODEL_LINE = re.compile(r"^model:[^\n]*$", re.MULTILINE)
+
+
+def measured_on(profile_text: str) -> str | None:
+    """The device a profile was measured on, from the header ``vtune search`` writes
+    ("vtune X profile for MODEL on GPU (vLLM V)"); None for a profile without it."""
+    match = _HEADER.search(profile_text)
+    return match.group(1) if match else None
+
+
+def is_local_path(model: str) -> bool:
+    """Whether a profile's ``model`` is a path on the machine that wrote it (absolute, ``./``,
+    ``../`` or ``~``) rather than a Hugging Face id the pod can download."""
+    return model.startswith(("/", "./", "../", "~", "\\")) or bool(
+        re.match(r"^[A-Za-z]:[\\/]", model)
+    )
+
+
+def with_model(profile_text: str, model: str) -> str:
+    """The profile with its top-level ``model:`` line replaced (every other byte kept);
+    ParameterError when the line cannot be found or the result does not read back."""
+    line = yaml.safe_dump({"model": model}, default_flow_style=False, width=float("inf"))
+    text, count = _MODEL_LINE.subn(lambda _: line.rstrip("\n"), profile_text, count=1)
+    if count != 1 or parse_profile(text).get("model") != model:
+        raise ParameterError("cannot replace the profile's model: its 'model:' line is not plain")
+    return text
+
+
+def device_warnings(measured: str | None, gpus: int, image: str) -> list[str]:
+    """One line when the profile was measured on another kind of device than the Deployment
+    targets (``gpus`` NVIDIA GPUs per pod, or none): settings tuned on vLLM's CPU build on a
+    GPU, a GPU's settings on CPU nodes, an AMD GPU's on ``nvidia.com/gpu``."""
+    vendor = _vendor(measured)
+    if vendor is None:
+        return []
+    if vendor == "cpu" and gpus > 0:
+        return [
+            f"this profile was measured on {measured} (vLLM's CPU build), but the Deployment "
+            f"requests {gpus} NVIDIA GPU{'s' * (gpus != 1)} (nvidia.com/gpu) and runs {image}: "
+            "its settings were not measured there; run `vtune search --gpu <the cluster's GPU>` "
+            "on the target, or serve on CPU nodes with --gpus 0 and a vLLM CPU --image"
+        ]
+    if vendor != "cpu" and gpus == 0:
+        return [
+            f"this profile was measured on {measured} (a GPU), but the Deployment requests no "
+            "GPU (--gpus 0): its settings were not measured on CPU nodes; run "
+            "`vtune search --gpu cpu` on the target to tune for them"
+        ]
+    if vendor == "amd" and gpus > 0:
+        return [
+            f"this profile was measured on {measured} (AMD), but the Deployment requests "
+            f"NVIDIA GPUs (nvidia.com/gpu) and runs {image}: edit the resource and the image "
+            "for ROCm, or tune on the cluster's GPU"
+        ]
+    return []
+
+
+def _vendor(gpu: str | None) -> str | None:
+    """The registry's vendor of a device name ("cpu", "nvidia", "amd"); None when unknown."""
+    if not gpu:
+        return None
+    try:
+        return get_gpu(gpu).vendor
+    except UnknownGpuError:
+        return None
 
 
 def render_serving(profile_text: str, spec: ServingSpec) -> list[dict[str, Any]]:

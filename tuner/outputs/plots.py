@@ -34,6 +34,7 @@ from tuner.outputs.figure import (
     trial_marker,
 )
 from tuner.outputs.plots_detail import plot_estimate_error, plot_kv_usage, plot_pruning
+from tuner.outputs.plots_roofline import plot_roofline
 from tuner.outputs.views import TrialView
 from tuner.search.objective import OBJECTIVES, is_better
 from tuner.search.record import SearchRecord
@@ -282,6 +283,11 @@ PLOTS = (
         "Predicted vs measured throughput (estimator error)",
         "estimate_error.png",
         plot_estimate_error,
+    ),
+    (
+        "Throughput and utilization vs batch (roofline regime, analytic knee)",
+        "roofline.png",
+        plot_roofline,
     ),
     ("KV-cache usage over each trial", "kv_usage.png", plot_kv_usage),
     ("Objective per trial", "objective.png", plot_objective),

@@ -30,6 +30,11 @@ vtune_best_objective                       best objective so far: the highest, o
                                            for an objective that is minimised (latency)
 vtune_gain_ratio                           times better than vLLM's defaults (set at the finish)
 =========================================  ===================================================
+
+and the load point gauges of ``tuner.outputs.prometheus_point`` (``vtune_telemetry_cpu_percent``,
+``vtune_gpu_utilization_ratio``, ``vtune_bandwidth_fraction``, ``vtune_flops_fraction``,
+``vtune_regime{regime}``, ...): the last measured point while a trial runs, its chosen point (else
+its last) once it has ended.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tuner.outputs.prometheus_point import PointGauges
 from tuner.outputs.prometheus_serve import MetricsServer as MetricsServer
 from tuner.outputs.prometheus_serve import Pushgateway as Pushgateway
 from tuner.outputs.prometheus_serve import RegistryExporter, label_value, set_gauge
@@ -166,6 +172,7 @@ class SearchExporter(RegistryExporter):
         )
         self.best_objective = Gauge("vtune_best_objective", "Best objective so far", registry=r)
         self.gain = Gauge("vtune_gain_ratio", "Best / baseline objective", registry=r)
+        self.point = PointGauges(r)
         self._best_goodput: float | None = None
         self._best_objective: float | None = None
         # Nothing measured yet reads NaN (Grafana shows a gap), never a made-up 0.
@@ -204,6 +211,7 @@ class SearchExporter(RegistryExporter):
 
     def on_point(self, name: str, point: dict[str, Any]) -> None:
         self.points.inc()
+        self.point.set(point.get("telemetry"), point.get("roofline"))
 
     def on_trial_end(self, trial: TrialRecord) -> None:
         self._running_info.current = None
@@ -214,6 +222,9 @@ class SearchExporter(RegistryExporter):
             self.peak_kv.set(trial.peak_kv)
         if trial.preemptions is not None:
             self.preemptions.set(trial.preemptions)
+        chosen = trial.chosen_point
+        if chosen is not None:
+            self.point.set(chosen.get("telemetry"), chosen.get("roofline"))
         if trial.state == STATE_COMPLETE and trial.best:
             self._set_last(trial)
         self._push()

@@ -1,6 +1,8 @@
 """Live Prometheus metrics of ``vtune bench``: request counts, requests in flight, token counts
 and latency histograms (seconds, Prometheus's own bucket format) fed by :meth:`observe` with
-each finished :class:`~tuner.load.generator.RequestRecord`. Served and pushed by
+each finished :class:`~tuner.load.generator.RequestRecord`; at the end the run's throughputs
+and its telemetry and roofline gauges (``tuner.outputs.prometheus_point``: CPU percent, GPU
+utilization, bandwidth and FLOP fractions, regime). Served and pushed by
 ``tuner.outputs.prometheus_serve``.
 """
 
@@ -13,6 +15,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tuner.outputs.prometheus_point import PointGauges
 from tuner.outputs.prometheus_serve import Pushgateway, RegistryExporter, set_gauge
 
 # Bucket bounds in seconds, close to vLLM's own so the two can be read side by side.
@@ -88,6 +91,7 @@ class BenchExporter(RegistryExporter):
         )
         self.output_tps.set(math.nan)
         self.request_tps.set(math.nan)
+        self.point = PointGauges(r)  # telemetry and roofline of the run (set by finish)
         self._flying = 0
         self._lock = threading.Lock()
 
@@ -123,9 +127,16 @@ class BenchExporter(RegistryExporter):
         for rec in records:
             self.observe(rec)
 
-    def finish(self, summary: Mapping[str, Any] | None = None) -> None:
-        """Set the run's throughputs (a ``BenchSummary.to_json()`` dict) and push."""
+    def finish(
+        self,
+        summary: Mapping[str, Any] | None = None,
+        telemetry: Mapping[str, Any] | None = None,
+        roofline: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Set the run's throughputs (a ``BenchSummary.to_json()`` dict), its telemetry and
+        roofline gauges (``Measurement.telemetry_json()`` / ``roofline_json()``) and push."""
         if summary is not None:
             set_gauge(self.output_tps, summary.get("output_throughput"))
             set_gauge(self.request_tps, summary.get("request_throughput"))
+        self.point.set(telemetry, roofline)
         self._push()

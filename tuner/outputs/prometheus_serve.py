@@ -3,7 +3,8 @@
 * :func:`start_exporter` serves a registry on ``host:port`` (127.0.0.1 unless told otherwise)
   and raises :class:`~tuner.errors.EngineError` with one line when the port is taken.
 * :class:`Pushgateway` pushes a registry; a failed push logs one warning line and never raises,
-  so an unreachable gateway never stops a tuning job.
+  so an unreachable gateway never stops a tuning job. Credentials in the URL
+  (``http://user:pass@host:9091``) go into HTTP basic auth, never into a message.
 * :class:`RegistryExporter` is what every exporter shares: its own registry (never the global
   one), an optional Pushgateway and an info metric.
 * :func:`exporting` is the CLI's one call: an exporter served and/or pushing for a block.
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import math
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, Info
 
@@ -90,7 +92,11 @@ def start_exporter(
 class Pushgateway:
     """Pushes a registry to a Pushgateway under ``job`` and ``grouping`` (PUT: the group's
     metrics are replaced). :meth:`push` never raises: a failure logs one warning line (the
-    same failure again only at debug level) and returns False."""
+    same failure again only at debug level) and returns False.
+
+    A URL with userinfo (``http://user:pass@host:9091``) pushes with HTTP basic auth
+    (prometheus-client's ``basic_auth_handler``) to the URL without it: ``url`` never holds the
+    password, and messages show ``shown`` (``http://user:***@host:9091``)."""
 
     def __init__(
         self,
@@ -103,15 +109,36 @@ class Pushgateway:
         if "://" not in text:
             text = "http://" + text
         parts = urlsplit(text)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ParameterError(f"not a Pushgateway URL: {url!r} (use e.g. http://host:9091)")
-        self.url = text.rstrip("/")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+            shown = _without_password(text)
+            raise ParameterError(f"not a Pushgateway URL: {shown!r} (use e.g. http://host:9091)")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        netloc = host if port is None else f"{host}:{port}"
+        self.url = urlunsplit(parts._replace(netloc=netloc)).rstrip("/")
+        self.username = None if parts.username is None else unquote(parts.username)
+        self._password = None if parts.password is None else unquote(parts.password)
+        self.shown = _without_password(text).rstrip("/")
         self.job = job
         self.grouping = dict(grouping or {})
         self.timeout_s = timeout_s
         self.failures = 0
         self.pushes = 0
         self._last_error: str | None = None
+
+    def handler(self) -> Any:
+        """The prometheus-client push handler: basic auth when the URL had a user, else the
+        default one."""
+        from prometheus_client.exposition import basic_auth_handler, default_handler
+
+        if self.username is None:
+            return default_handler
+        return functools.partial(
+            basic_auth_handler, username=self.username, password=self._password or ""
+        )
 
     def push(self, registry: CollectorRegistry) -> bool:
         from prometheus_client import push_to_gateway
@@ -123,19 +150,36 @@ class Pushgateway:
                 registry=registry,
                 grouping_key=self.grouping,
                 timeout=self.timeout_s,
+                handler=self.handler(),
             )
-        except Exception as exc:  # any failure (DNS, refused, HTTP 5xx) only warns
+        except Exception as exc:  # any failure (DNS, refused, HTTP 401 or 5xx) only warns
             self.failures += 1
             reason = " ".join(str(getattr(exc, "reason", None) or exc).split())[:200]
+            code = getattr(exc, "code", None)  # an HTTP error: the gateway answered
+            if isinstance(code, int):
+                reason = f"HTTP {code} {reason}"
+            if self._password:
+                reason = reason.replace(self._password, "***")
+            what = "refused the push" if isinstance(code, int) else "unreachable"
             level = logging.DEBUG if reason == self._last_error else logging.WARNING
-            log.log(level, "Pushgateway %s unreachable (%s); the run goes on", self.url, reason)
+            log.log(level, "Pushgateway %s %s (%s); the run goes on", self.shown, what, reason)
             self._last_error = reason
             return False
         if self._last_error is not None:
-            log.info("Pushgateway %s reachable again", self.url)
+            log.info("Pushgateway %s reachable again", self.shown)
         self._last_error = None
         self.pushes += 1
         return True
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its userinfo shown as ``***`` (the rest as written). The
+    password runs to the last "@", so an unencoded "@" or "/" in it hides more, never less."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, after = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{after}"
 
 
 def label_value(value: Any) -> str:

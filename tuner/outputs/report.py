@@ -178,6 +178,7 @@ def render_html(
         *[f"{s} {m} ms" for s, m in stats],
         "peak KV %",
         "preempt.",
+        "regime",
         "predicted tok/s",
         "failure",
     ]
@@ -197,12 +198,20 @@ def render_html(
                 *[v.latency_ms.get(f"{s}_{m}") for s, m in stats],
                 None if v.peak_kv is None else 100 * v.peak_kv,
                 v.preemptions,
+                v.regime,
                 v.predicted_tps,
                 failure,
             ]
         )
         classes.append("best" if v.is_best else "baseline" if v.baseline else v.state)
     parts.append(_table(headers, rows, classes, left=3))
+    parts.append(
+        "<p>Regime: where the chosen load point sits on the roofline (its achieved bandwidth "
+        "and FLOP/s as fractions of the device's peaks): <i>memory-bound</i> or "
+        "<i>compute-bound</i> when that resource runs at half its peak or more, "
+        "<i>overhead-bound</i> when neither does (the step goes to scheduling, sampling, "
+        "Python). Peaks: " + html.escape(_peaks_words(record)) + ".</p>"
+    )
     parts.append(
         "<p>Knobs per trial:</p>"
         + _table(
@@ -221,6 +230,17 @@ def render_html(
         parts.append("<p>No profile was written.</p>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _peaks_words(record: SearchRecord) -> str:
+    peaks = record.gpu.peaks or {}
+    bw, flops = finite(peaks.get("memory_bandwidth")), finite(peaks.get("flops"))
+    if bw is None or flops is None:
+        return "not recorded"
+    figures = f"{bw / 1e9:,.1f} GB/s, {flops / 1e12:,.3g} TFLOP/s"
+    if peaks.get("source") == "probe":
+        return f"probed on {peaks.get('device') or '?'} at {peaks.get('measured_at')} ({figures})"
+    return f"the datasheet's ({figures})"
 
 
 def _latency_columns(views: Sequence[TrialView]) -> list[tuple[str, str]]:

@@ -12,7 +12,8 @@ from tuner.search.record import SearchRecord, finite
 
 @dataclass(frozen=True)
 class TrialView:
-    """One trial as the report shows it. Figures come from the chosen point (``best``);
+    """One trial as the report shows it. Figures come from the chosen point (``best``), and so
+    does ``regime`` (the roofline's: memory-, compute- or overhead-bound);
     ``peak_kv`` and ``preemptions`` from vLLM's own /metrics over all the trial's points;
     ``measured_max_tps`` is the highest output throughput over its points (all three are
     the :class:`~tuner.search.record.TrialRecord`'s own aggregates)."""
@@ -36,6 +37,9 @@ class TrialView:
     failure_class: str | None
     failure_message: str | None
     points: list[dict[str, Any]] = field(default_factory=list)
+    regime: str | None = None  # the chosen point's roofline regime (TrialRecord.regime)
+    knee_batch: float | None = None  # the estimate's roofline knee (batch)
+    chosen_point: dict[str, Any] | None = None  # the point ``best`` was taken from, else last
 
     @property
     def tag(self) -> str:
@@ -78,6 +82,9 @@ def trial_views(record: SearchRecord) -> list[TrialView]:
                 failure_class=t.failure_class,
                 failure_message=(t.failure or {}).get("message"),
                 points=t.points,
+                regime=t.regime,
+                knee_batch=finite((t.estimate or {}).get("roofline_knee_batch")),
+                chosen_point=t.chosen_point,
             )
         )
     return views

@@ -34,6 +34,13 @@ def minimized(objective: str) -> bool:
     return direction(objective) == MINIMIZE
 
 
+def worst(objective: str | None) -> float:
+    """The worst value ``objective`` can take, for a value that is missing or was written as
+    null (not finite): +inf when it is minimised (an endless latency), else 0 (nothing
+    served). An unknown or missing objective counts as maximised."""
+    return math.inf if objective in OBJECTIVES and minimized(objective) else 0.0
+
+
 def is_better(objective: str, a: float | None, b: float | None) -> bool:
     """Whether value ``a`` is strictly better than ``b`` for ``objective``. A missing or NaN
     value (nothing measured) is never better, and any measured value beats a missing one."""

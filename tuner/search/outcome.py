@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner import __version__
+from tuner.engine.settings import redact_settings
 from tuner.errors import VtuneError
 from tuner.search.objective import gain_ratio
 from tuner.search.prepare import Prepared, fixed_settings
@@ -30,12 +31,14 @@ from tuner.search.study import redact
 @dataclass
 class TuneOutcome:
     """A finished search: its inputs, the loop's result, the record written beside the profile
-    (what the console and the exporter read), and the profile (None: nothing met the SLO)."""
+    (what the console and the exporter read), and the profile (None: nothing met the SLO; then
+    ``stale`` is where an earlier search's profile was moved, if there was one)."""
 
     prepared: Prepared
     result: SearchResult
     record: SearchRecord
     yaml_path: Path | None
+    stale: Path | None = None
 
 
 def profile_config(prep: Prepared, result: SearchResult) -> dict[str, Any]:
@@ -72,7 +75,11 @@ def profile_header(prep: Prepared, result: SearchResult, record: SearchRecord) -
         lines.append(line)
     if result.within_noise:
         lines.append("Note: the best two finalists are within measurement noise of each other.")
-    lines.append(f"Trials: {len(result.records)} finished; record: {prep.json_path.name}")
+    # The record's creation time ties this profile to the record beside it (one run wrote both).
+    lines.append(
+        f"Trials: {len(result.records)} finished; record: {prep.json_path.name} "
+        f"(created {record.created_at})"
+    )
     return lines
 
 
@@ -109,7 +116,11 @@ def build_record(prep: Prepared, result: SearchResult, url: str, started: float)
             param_count=prep.model.param_count,
             attention=prep.model.attention,
         ),
-        gpu=GpuInfo(name=prep.gpu.name, memory_bytes=prep.gpu.memory_bytes),
+        gpu=GpuInfo(
+            name=prep.gpu.name,
+            memory_bytes=prep.gpu.memory_bytes,
+            peaks=None if prep.peaks is None else prep.peaks.to_json(),
+        ),
         vllm_version=vllm_version,
         workload={**cfg.workload.describe(), "endpoint": cfg.endpoint},
         slo=str(prep.slo) if prep.slo else None,
@@ -148,7 +159,8 @@ def build_record(prep: Prepared, result: SearchResult, url: str, started: float)
             for v in prep.target.variants.values()
         ),
         quality=tuple(prep.quality),
-        fixed_settings=fixed_settings(prep),
+        fixed_settings=redact_settings(fixed_settings(prep)),
+        calibration=result.calibration,
     )
 
 
@@ -156,6 +168,8 @@ def ensure_feasible(outcome: TuneOutcome) -> None:
     """A search that found nothing meeting the SLO is a user-visible error (exit 2), raised
     after its record is written so no measurement is lost."""
     if outcome.yaml_path is None:
+        stale = outcome.stale
+        moved = f" (the earlier profile is now {stale.name}, not to be deployed)" if stale else ""
         raise VtuneError(
-            f"no configuration met the SLO; every trial is in {outcome.prepared.json_path}"
+            f"no configuration met the SLO; every trial is in {outcome.prepared.json_path}{moved}"
         )

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,11 @@ from tuner.engine.server import LaunchConfig
 from tuner.errors import ParameterError
 from tuner.measure.bench import WorkloadSpec
 from tuner.measure.slo import Slo, parse_slo
+from tuner.measure.watch import DEFAULT_TELEMETRY, TelemetryOptions, WatchPlan
 from tuner.plan.prune import Plan, Target, default_space, plan
 from tuner.plan.space import Space, load_space_file, parse_param_overrides
 from tuner.plan.variants import plan_variants
-from tuner.search.profile import profile_paths, slug
+from tuner.search.profile import profile_paths, release_out_lock, slug, take_out_lock
 from tuner.search.runner import (
     OBJECTIVES,
     SearchSettings,
@@ -27,6 +29,7 @@ from tuner.search.study import open_study, storage_url
 from tuner.specs.detect import gpu_choice_warnings
 from tuner.specs.gpu import GpuSpec, get_gpu
 from tuner.specs.model import ModelSpec, load_model
+from tuner.specs.peaks import PeakFigures, with_peaks
 
 # Rough per-launch start-up for the dry-run's time estimate (seen: 25-70 s on 2 CPU cores).
 
@@ -59,6 +62,7 @@ class TuneConfig:
     iterations: int = 3
     latency_rate: float | None = None
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    telemetry: TelemetryOptions | None = DEFAULT_TELEMETRY  # None: no telemetry sampled
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Prepared:
     json_path: Path
     work_dir: Path
     quality: list[dict[str, Any]] = field(default_factory=list)
+    peaks: PeakFigures | None = None  # the figures in ``gpu``: probed or datasheet
 
     def estimated_seconds(self) -> float:
         """Launch + the rate search's points, per trial (the baseline included), plus finalist
@@ -103,10 +108,11 @@ def prepare(cfg: TuneConfig) -> Prepared:
     if cfg.settings.objective == "latency" and not cfg.latency_rate:
         raise ParameterError("--objective latency needs --rate (the load to measure latency at)")
     model = load_model(cfg.model)
-    gpu = get_gpu(cfg.gpu)
+    gpu, peaks = with_peaks(get_gpu(cfg.gpu))  # the probed figures when a probe is cached
     warnings = gpu_choice_warnings(gpu)
     slo = parse_slo(cfg.slo) if cfg.slo else None
     yaml_path, json_path = profile_paths(cfg.model, gpu.name, cfg.out)
+    check_out_dir(yaml_path.parent)
     variants = plan_variants(
         cfg.model,
         model,
@@ -129,7 +135,7 @@ def prepare(cfg: TuneConfig) -> Prepared:
     if cfg.space_file is not None:
         overrides.update(load_space_file(cfg.space_file))
     overrides.update(parse_param_overrides(cfg.params))
-    space = default_space(target, shared_prefix=cfg.workload.prefix_len > 0)
+    space = default_space(target, shared_prefix=cfg.workload.shares_prefixes)
     space = space.with_overrides(overrides)
     bad = [v for v in space.values.get("quantization", ()) if v not in variants]
     if bad:
@@ -153,16 +159,35 @@ def prepare(cfg: TuneConfig) -> Prepared:
         yaml_path,
         json_path,
         work_dir,
+        peaks=peaks,
     )
+
+
+def check_out_dir(directory: Path) -> None:
+    """Fail with one line (ParameterError) when ``directory`` (the profile's, under ``--out``)
+    cannot be created or written: a file in the way, no permission. Creates nothing (a dry run
+    runs it too); the search creates the directory when it takes the lock."""
+    path = directory
+    while not path.exists():
+        if path.is_symlink():  # a dangling link: mkdir would fail on it
+            raise ParameterError(
+                f"cannot create --out directory {directory}: {path} is a broken link"
+            )
+        if path.parent == path:
+            break
+        path = path.parent
+    if not path.is_dir():
+        raise ParameterError(
+            f"cannot create --out directory {directory}: {path} is a file, not a directory"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        what = "write to" if path == directory else "create"
+        raise ParameterError(f"cannot {what} --out directory {directory}: no permission on {path}")
 
 
 def _context_len(workload: WorkloadSpec) -> int:
     """The typical request's context: mean input plus mean output tokens."""
-    if workload.dataset is not None:
-        return 1024  # ShareGPT-like data: about 1K tokens of context per conversation
-    out = workload.output_len
-    assert out is not None
-    return int((workload.input_len.low + workload.input_len.high) / 2 + (out.low + out.high) / 2)
+    return workload.context_len()
 
 
 def study_name(
@@ -203,6 +228,19 @@ def fixed_settings(prep: Prepared) -> dict[str, Any]:
     return fixed
 
 
+SEARCH_SERIES_POINTS = 60  # telemetry samples kept per load point in the record
+
+
+def watch_for(prep: Prepared) -> WatchPlan:
+    """How every trial's load points are watched: the search's telemetry options (at most
+    :data:`SEARCH_SERIES_POINTS` samples kept per point) and the roofline against ``prep.gpu``'s
+    peaks."""
+    options = prep.config.telemetry
+    if options is not None:
+        options = replace(options, series_points=min(options.series_points, SEARCH_SERIES_POINTS))
+    return WatchPlan(options, prep.gpu, prep.peaks, prep.model, prep.config.model)
+
+
 def storage_for(prep: Prepared) -> str:
     """The study's storage URL: ``--storage``, or SQLite beside the profile."""
     path = prep.yaml_path.parent / f"{prep.gpu.name}.study.db"
@@ -210,6 +248,13 @@ def storage_for(prep: Prepared) -> str:
 
 
 def check_storage(prep: Prepared) -> None:
-    """Open the study once (creating it if new), so an unreachable storage is a one-line error
-    before anything starts; StorageError otherwise."""
-    open_study(storage_for(prep), prep.study_name, directions(prep.config.settings), None)
+    """Take the ``--out`` lock (held until :func:`tuner.search.run.run_search` ends: a second
+    search on the directory ends here, at once, with one line), then open the study once
+    (creating it if new), so an unreachable storage is a one-line error before anything starts;
+    StorageError otherwise."""
+    lock = take_out_lock(prep.yaml_path.parent, prep.gpu.name)
+    try:
+        open_study(storage_for(prep), prep.study_name, directions(prep.config.settings), None)
+    except BaseException:
+        release_out_lock(lock)
+        raise

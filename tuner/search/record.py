@@ -11,7 +11,8 @@ JSON; the JSON field names (:meth:`SearchRecord.to_json`) are the public contrac
 
 * ``vtune.search/2`` (written now): every field present, None where not known; ``profile``
   only when a profile was written, ``gain.ratio_of_finalist_means`` only when the finalists
-  were re-measured.
+  were re-measured, ``calibration`` (the model's fitted factors and its error before/after,
+  :class:`~tuner.search.record_parts.CalibrationInfo`) only from vtune versions that calibrate.
 * ``vtune.search/1`` (vtune 0.1): the same names, but any field may be missing, ``model`` and
   ``gpu`` may hold more keys (ignored), and ``plan.candidates`` may be a count, not names.
 
@@ -27,6 +28,7 @@ from typing import Any
 
 from tuner.errors import ParameterError
 from tuner.search.record_parts import (
+    CalibrationInfo,
     CappedEntry,
     Gain,
     GpuInfo,
@@ -93,6 +95,7 @@ class SearchRecord:
     quality: tuple[dict[str, Any], ...] = ()
     fixed_settings: dict[str, Any] = field(default_factory=dict)
     profile: ProfileInfo | None = None
+    calibration: CalibrationInfo | None = None
 
     def trial(self, name: str | None) -> TrialRecord | None:
         """The trial of that candidate name, or None."""
@@ -125,6 +128,8 @@ class SearchRecord:
         }
         if self.profile is not None:
             data["profile"] = asdict(self.profile)
+        if self.calibration is not None:
+            data["calibration"] = self.calibration.to_json()
         return data
 
     @classmethod
@@ -162,7 +167,8 @@ class SearchRecord:
             baseline=_str(data.get("baseline")),
             best=_str(data.get("best")),
             finalists=tuple(
-                Finalist.from_json(r.item(f, "finalists")) for f in r.list(data, "finalists")
+                Finalist.from_json(r.item(f, "finalists"), _str(data.get("objective")))
+                for f in r.list(data, "finalists")
             ),
             within_noise=within_noise if isinstance(within_noise, bool) else None,
             pareto_front=tuple(str(n) for n in r.list(data, "pareto_front")),
@@ -176,6 +182,7 @@ class SearchRecord:
             profile=None
             if profile is None
             else ProfileInfo(_str(profile.get("path")), r.obj(profile, "config", "profile.config")),
+            calibration=r.calibration(data),
         )
 
 
@@ -260,6 +267,22 @@ class _Reader:
         for key in ("knobs", "estimate", "server_info", "rate_search", "best", "failure"):
             self.obj(data, key, f"{where}.{key}")
         return TrialRecord.from_json({**data, "knobs": data.get("knobs") or {}})
+
+    def calibration(self, data: dict[str, Any]) -> CalibrationInfo | None:
+        """The calibration block, None when absent; its factors must be an object."""
+        if data.get("calibration") is None:
+            return None
+        block = self.obj(data, "calibration")
+        return self.part(
+            CalibrationInfo,
+            {
+                **block,
+                "factors": self.obj(block, "factors", "calibration.factors"),
+                "prior": self.obj(block, "prior", "calibration.prior"),
+                "peaks": self.obj(block, "peaks", "calibration.peaks"),
+                "fitted": tuple(self.list(block, "fitted", "calibration.fitted")),
+            },
+        )
 
     def plan(self, data: dict[str, Any]) -> PlanInfo:
         cands = data.get("candidates")

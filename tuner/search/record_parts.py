@@ -18,8 +18,12 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class GpuInfo:
+    """The GPU entry searched on; ``peaks``: the figures its estimates and rooflines used
+    (``PeakFigures.to_json()``: source "probe" or "datasheet", measured_at, ...)."""
+
     name: str | None = None
     memory_bytes: int | None = None
+    peaks: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,3 +127,33 @@ class ProfileInfo:
 
     path: str | None
     config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    """The analytic model's online calibration over a search (``tuner.search.calibration``).
+
+    ``factors``: the Efficiency fields fitted to every measured load point, as fractions of
+    ``peaks`` (``memory_bandwidth`` B/s and ``bf16`` FLOP/s per device: the figures the
+    search's estimates used, probed or datasheet); ``prior``: where the fit started;
+    ``fitted``: the factors the points determined. ``mape_before`` / ``mape_after`` (%): error
+    on trials the model had not yet seen (each trial's points predicted by the plan's
+    uncalibrated model, and by the fit to the trials before it); ``fit_mape_before`` /
+    ``fit_mape_after``: the same two models on every point, the fit having seen them all.
+    None where there was too little to say."""
+
+    factors: dict[str, float]
+    peaks: dict[str, float] = field(default_factory=dict)
+    prior: dict[str, float] = field(default_factory=dict)
+    fitted: tuple[str, ...] = ()
+    points_used: int = 0
+    trials_used: int = 0
+    mape_before: float | None = None
+    mape_after: float | None = None
+    fit_mape_before: float | None = None
+    fit_mape_after: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["fitted"] = list(self.fitted)
+        return data

@@ -3,7 +3,9 @@
 The measuring itself is behind :class:`TrialRunner` (``tuner.search.trial.VllmTrialRunner`` launches
 vLLM; unit tests use a fake). The loop asks Optuna for a trial, resolves it to a candidate with
 the pruning rules, skips what is already finished (this or an earlier run), measures, saves the
-trial at once (atomically, in the study and as a JSON file), and tells Optuna.
+trial at once (atomically, in the study and as a JSON file), and tells Optuna. What runs
+again instead (interrupted, stale, environment-failed trials) and when the search stops on an
+environment failure: :mod:`tuner.search.resume`.
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tuner.engine import interrupt
+from tuner.errors import EnvironmentFailedError
 from tuner.plan.prune import Plan, Planned, Pruned, Target, Variant, evaluate
 from tuner.plan.space import Candidate, Space
+from tuner.search.calibration import AnalyticQueue, OnlineCalibration
 from tuner.search.events import Fanout
+from tuner.search.front import search_front
 from tuner.search.objective import OBJECTIVES as OBJECTIVES  # re-exported for prepare
-from tuner.search.objective import direction, minimized
+from tuner.search.objective import direction, minimized, worst
 from tuner.search.record import STATE_COMPLETE, STATE_PRUNED, Finalist, TrialRecord
-from tuner.search.stats import pareto_front
+from tuner.search.record_parts import CalibrationInfo
+from tuner.search.resume import abandon, environment_stop, stale_candidates
 from tuner.search.store import TrialStore
 from tuner.search.study import (
     fail_stale,
@@ -76,6 +83,7 @@ class SearchResult:
     sampled_pruned: list[Pruned] = field(default_factory=list)
     elapsed_s: float = 0.0
     finalist_engine_time_s: float = 0.0
+    calibration: CalibrationInfo | None = None
 
 
 def directions(settings: SearchSettings) -> list[str]:
@@ -134,7 +142,9 @@ class TrialOrder:
 def trial_order(plan: Plan, settings: SearchSettings) -> TrialOrder:
     """The one place that decides what runs first: the whole plan in analytic order when it is
     a grid (:func:`queue_all`), else the baseline and ``ANALYTIC_FIRST`` distinct analytic
-    picks, then the sampler. The search queues it; the dry run prints it."""
+    picks, then the sampler. The dry run prints it; the search hands the picks out one at a
+    time, re-ordered by the model as calibrated on the trials so far
+    (:class:`tuner.search.calibration.AnalyticQueue`)."""
     if queue_all(plan, settings):
         return TrialOrder(tuple(plan.all()), (), None)
     first = plan.first_picks(ANALYTIC_FIRST)
@@ -157,8 +167,10 @@ class Search:
         trial_store: TrialStore,
         observer: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        calibration: OnlineCalibration | None = None,
     ) -> None:
         self.study, self.plan, self.space, self.target = study, plan, space, target
+        self.calibration = calibration or OnlineCalibration(target, settings.objective)
         self.runner, self.settings, self.store = runner, settings, trial_store
         self.observer = observer if observer is not None else Fanout()
         self.clock = clock
@@ -169,12 +181,17 @@ class Search:
 
     def run(self) -> SearchResult:
         started = self.clock()
-        fail_stale(self.study)
-        done = self.store.load_all()
+        stale = fail_stale(self.study)
+        done = {n: r for n, r in self.store.load_all().items() if not r.environment_failure}
         done.update(finished_records(self.study))
+        self._requeue(stale, done)
         order = trial_order(self.plan, self.settings)
         grid = order.sampler is None
-        self._enqueue(done, order.queued)
+        # The analytic picks go into the study one at a time, each chosen by the model as
+        # calibrated on every trial so far (tuner.search.calibration).
+        picks = None if grid else len(order.queued) - 1
+        queue = AnalyticQueue(self.plan.baseline, order.candidates, picks, self.calibration)
+        self.calibration.refit(done.values())
         budget = (
             self.settings.budget
             if self.settings.budget is not None
@@ -184,41 +201,35 @@ class Search:
         self.observer.on_phase("baseline" if self.plan.baseline.name not in done else "trials")
         sampled_pruned: list[Pruned] = []
         idle = 0
+        environment_failures = 0  # measured trials in a row that failed for the environment
         while self._measured(done) < budget and idle < MAX_IDLE_ASKS:
+            interrupt.check()
             if self._out_of_time(started):
                 break
+            done.update(finished_records(self.study))  # other workers share the study
+            self._requeue(fail_stale(self.study, settle=False), done)
+            if not self._waiting():
+                self._enqueue(done, tuple(queue.next(done)))
             if grid and not self._waiting():
                 break
-            done.update(finished_records(self.study))  # other workers share the study
             trial = self.study.ask()
-            outcome = self._resolve(trial)
-            if isinstance(outcome, Pruned):
-                sampled_pruned.append(outcome)
-                record = TrialRecord(
-                    outcome.candidate.name,
-                    outcome.candidate.knobs(),
-                    STATE_PRUNED,
-                    failure={"rule": outcome.rule, "reason": outcome.reason},
-                )
-                trial.set_user_attr("record", record.to_json())
-                self.study.tell(trial, state=_state("PRUNED"))
-                idle += 1
-                continue
-            planned = outcome
-            if planned.name in done:
-                self._tell_known(trial, done[planned.name])
-                idle += 1
-                continue
-            if running_elsewhere(self.study, planned.name, trial.number):
-                trial.set_user_attr("running_elsewhere", planned.name)
-                self.study.tell(trial, state=_state("PRUNED"))
+            try:
+                with heartbeat(trial):  # claimed at once: a dead worker's trial goes stale
+                    record = self._step(trial, done, sampled_pruned)
+            except BaseException:
+                abandon(self.study, trial)
+                raise
+            if record is None:  # pruned, finished already, or measured by another worker
                 idle += 1
                 continue
             idle = 0
-            record = self._run_trial(trial, planned)
-            done[planned.name] = record
+            done[record.name] = record
+            self.calibration.refit(done.values())
             if record.baseline:
                 self.observer.on_phase("trials")
+            environment_failures = environment_failures + 1 if record.environment_failure else 0
+            if record.environment_failure and (record.baseline or environment_failures >= 2):
+                raise EnvironmentFailedError(environment_stop(record, environment_failures))
         finalists, within_noise, finalist_time = self._finalists(done)
         best = self._choose(done, finalists)
         return SearchResult(
@@ -227,11 +238,45 @@ class Search:
             best=best,
             finalists=finalists,
             within_noise=within_noise,
-            pareto=self._pareto(done),
-            sampled_pruned=sampled_pruned,
+            pareto=search_front(done.values(), finalists, self.settings.objective),
+            sampled_pruned=[*sampled_pruned, *queue.pruned],
             elapsed_s=self.clock() - started,
             finalist_engine_time_s=finalist_time,
+            calibration=self.calibration.info(done.values()),
         )
+
+    def _step(
+        self, trial: Any, done: dict[str, TrialRecord], sampled_pruned: list[Pruned]
+    ) -> TrialRecord | None:
+        """Resolve an asked trial and measure it; None (the trial told) when there is nothing
+        to measure: the bounds rule it out, it is finished, or another worker measures it."""
+        outcome = self._resolve(trial)
+        if isinstance(outcome, Pruned):
+            sampled_pruned.append(outcome)
+            record = TrialRecord(
+                outcome.candidate.name,
+                outcome.candidate.knobs(),
+                STATE_PRUNED,
+                failure={"rule": outcome.rule, "reason": outcome.reason},
+            )
+            trial.set_user_attr("record", record.to_json())
+            self.study.tell(trial, state=_state("PRUNED"))
+            return None
+        planned = outcome
+        if planned.name in done:
+            self._tell_known(trial, done[planned.name])
+            return None
+        if running_elsewhere(self.study, planned.name, trial.number):
+            trial.set_user_attr("running_elsewhere", planned.name)
+            self.study.tell(trial, state=_state("PRUNED"))
+            return None
+        return self._run_trial(trial, planned)
+
+    def _requeue(self, stale: list[int], done: dict[str, TrialRecord]) -> None:
+        """Queue again the candidates of ``stale`` trials (their worker died), to run here."""
+        by_name = {p.name: p for p in self.plan.all()}
+        names = stale_candidates(self.study, stale)
+        self._enqueue(done, tuple(by_name[n] for n in names if n in by_name))
 
     def _enqueue(self, done: dict[str, TrialRecord], queue: tuple[Planned, ...]) -> None:
         pending = pending_names(self.study)
@@ -276,26 +321,26 @@ class Search:
         trial.set_user_attr("candidate", planned.name)
         trial.set_user_attr("knobs", planned.candidate.knobs())
         self.observer.on_trial_start(trial.number, planned.name, planned.candidate.knobs())
-        try:
-            with heartbeat(trial):
-                record = self.runner.measure(trial.number, planned, variant)
-        except BaseException:
-            # Interrupted (Ctrl-C, SIGTERM): the candidate is not finished and runs again.
-            trial.set_user_attr("interrupted", True)
-            self.study.tell(trial, state=_state("FAIL"), skip_if_finished=True)
-            raise
-        self.store.save(record)
-        trial.set_user_attr("record", record.to_json())
-        if record.state == STATE_COMPLETE:
-            self.study.tell(trial, self._values(record))
-        else:
-            trial.set_user_attr("failure_class", (record.failure or {}).get("class"))
-            self.study.tell(trial, state=_state("FAIL"))
+        record = self.runner.measure(trial.number, planned, variant)
+        interrupt.check()  # a stop request came while it was measured: not a result
+        with interrupt.deferred():  # a finished trial is saved whole
+            record = self.calibration.annotate(record, planned)  # the fit before this trial
+            if not record.environment_failure:
+                self.store.save(record)
+            trial.set_user_attr("record", record.to_json())
+            if record.state == STATE_COMPLETE:
+                self.study.tell(trial, self._values(record))
+            else:
+                trial.set_user_attr("failure_class", record.failure_class)
+                trial.set_user_attr("environment", record.environment_failure)
+                self.study.tell(trial, state=_state("FAIL"))
         self.observer.on_trial_end(record)
         return record
 
     def _values(self, record: TrialRecord) -> float | list[float]:
-        value = record.objective if record.objective is not None else 0.0
+        """What Optuna is told; a missing (non-finite) objective is its worst value."""
+        objective = None if self.settings.pareto else self.settings.objective
+        value = record.objective if record.objective is not None else worst(objective)
         if not self.settings.pareto:
             return value
         tpot = (record.best or {}).get("p95_tpot_ms")
@@ -326,11 +371,12 @@ class Search:
         finalists = []
         seconds = 0.0
         for record in ranked:
-            saved = self.store.load_samples(record.name)
+            saved = self.store.load_samples(record.name, self.settings.objective)
             if saved is None:
                 variant = self.target.variants[record.variant]
                 t0 = self.clock()
                 extra = self.runner.remeasure(record, variant, self.settings.repeats)
+                interrupt.check()  # cut short by a stop request: measured again next run
                 saved = ([record.objective or 0.0, *extra], self.clock() - t0)
                 self.store.save_samples(record.name, *saved)
             finalists.append(Finalist.of(record.name, saved[0]))
@@ -346,17 +392,6 @@ class Search:
             return done[finalists[0].name]
         ranked = self._ranked(done)
         return ranked[0] if ranked else None
-
-    def _pareto(self, done: dict[str, TrialRecord]) -> list[str]:
-        points = []
-        for r in done.values():
-            if r.state != STATE_COMPLETE or not r.best:
-                continue
-            tpot = r.best.get("p95_tpot_ms")
-            thr = r.best.get("output_throughput")
-            if tpot is not None and thr is not None:
-                points.append((r.name, float(thr), float(tpot)))
-        return pareto_front(points)
 
 
 def _state(name: str) -> Any:

@@ -30,8 +30,8 @@ def mean_ci(samples: list[float]) -> tuple[float, float]:
     if not samples:
         return math.nan, math.inf
     mean = statistics.fmean(samples)
-    if len(samples) < 2:
-        return mean, math.inf
+    if len(samples) < 2 or not all(math.isfinite(s) for s in samples):
+        return mean, math.inf  # one run, or an endless one (a latency never met): no interval
     dof = len(samples) - 1
     t = _T95.get(dof) or next((v for k, v in sorted(_T95.items()) if k >= dof), 1.96)
     return mean, t * statistics.stdev(samples) / math.sqrt(len(samples))

@@ -2,11 +2,13 @@
 
 Trials carry user attributes: ``candidate`` (name), ``knobs`` (dict), ``baseline`` (bool),
 ``worker_id`` (a random id per process), ``worker`` (its hostname, for people), and at the end
-``record`` (TrialRecord JSON) or ``failure_class``; a trial failed as stale has ``stale: true``.
+``record`` (TrialRecord JSON) and, when it failed, ``failure_class`` and ``environment`` (the
+environment's failure: not finished, runs again); a trial failed as stale has ``stale: true``,
+one cut short by a stop request ``interrupted: true`` (:mod:`tuner.search.resume`).
 
-Liveness is Optuna's heartbeat (``RDBStorage(heartbeat_interval, grace_period)``): while a trial
-is measured a thread records a heartbeat every ``HEARTBEAT_S`` seconds, and a RUNNING trial
-whose last heartbeat is more than ``GRACE_S`` seconds old is stale. Both times are the
+Liveness is Optuna's heartbeat (``RDBStorage(heartbeat_interval, grace_period)``): from the
+moment a trial is asked a thread records a heartbeat every ``HEARTBEAT_S`` seconds, and a
+RUNNING trial whose last heartbeat is more than ``GRACE_S`` seconds old is stale. Both times are the
 database's clock, so clock skew between hosts does not matter, and a trial that has never beaten
 (just asked by another worker) is never stale. A worker is not known by ``host:pid``: in a
 container vtune is PID 1 and an Indexed Job's pod keeps its hostname across restarts, so a rerun
@@ -202,15 +204,19 @@ def _live(study: Any) -> list[Any]:
 
 
 def finished_records(study: Any) -> dict[str, TrialRecord]:
-    """Candidates this study has finished: measured, or failed by the server (not retried).
-    Interrupted and stale trials are not finished: their candidates run again."""
+    """Candidates this study has finished: measured, or failed as a property of the candidate
+    (OOM, an option vLLM rejects: not retried). Interrupted and stale trials, and those that
+    failed for the environment (``TrialRecord.environment_failure``), are not finished: their
+    candidates run again."""
     out: dict[str, TrialRecord] = {}
     for trial in study.get_trials(deepcopy=False):
         data = trial.user_attrs.get("record")
         if not data:
             continue
         record = TrialRecord.from_json(data)
-        if record.state in (STATE_COMPLETE, STATE_FAILED) and record.name not in out:
+        if record.environment_failure or record.name in out:
+            continue
+        if record.state in (STATE_COMPLETE, STATE_FAILED):
             out[record.name] = record
     return out
 

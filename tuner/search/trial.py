@@ -2,6 +2,11 @@
 within that launch, stop vLLM, and return a :class:`TrialRecord` (never raising for a failed
 server: a failure is a record with its class and log). The server's life (start, the dead-server
 watchdog, uvloop, stop) is ``tuner.measure.session``'s; a death mid-run keeps the points before it.
+
+The load sends the API key the server requires (``--engine-arg api_key=...`` or
+``VLLM_API_KEY``). A trial in which every request failed (401, 404, timeouts...) measured
+nothing: it is a failed trial of class ``requests_failed`` with the status seen, not a candidate
+scoring 0; a load point whose requests all got the same client error (4xx) ends it at once.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tuner.engine.log import FailureClass, redact_argv
 from tuner.engine.server import EngineSettings, LaunchConfig, ServerStartError, VllmServer
+from tuner.engine.settings import served_api_key
 from tuner.load.generator import LoadConfig
 from tuner.load.workload import load_tokenizer
 from tuner.measure.bench import WorkloadSpec, build_requests, measure
@@ -28,6 +35,7 @@ from tuner.measure.ratesearch import (
 )
 from tuner.measure.session import ServerDied, launched, run_watched
 from tuner.measure.slo import Slo
+from tuner.measure.watch import WatchPlan
 from tuner.plan.prune import Planned, Variant, feasible_concurrency
 from tuner.plan.space import Candidate
 from tuner.plan.variants import serving_values
@@ -37,6 +45,12 @@ from tuner.search.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
 # Requests built once per search and reused (cycled) by every measurement.
 REQUEST_POOL = 512
 WARMUP_REQUESTS = 4
+# The failure class of a trial in which every request failed (an environment failure: retried).
+REQUESTS_FAILED = FailureClass.REQUESTS_FAILED.value
+
+
+class RequestsFailed(Exception):
+    """Every request of the trial failed; ``str()`` says how (the status seen, the counts)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,7 @@ class TrialSetup:
     rate: RateSearchConfig = field(default_factory=lambda: RateSearchConfig(concurrency=1))
     endpoint: str = "completions"
     request_timeout_s: float = 120.0
+    watch: WatchPlan | None = None  # telemetry and roofline of every point (None: not watched)
 
 
 class VllmTrialRunner:
@@ -103,7 +118,20 @@ class VllmTrialRunner:
                 base,
                 failure=_failure_json(exc.failure),
                 log_path=str(exc.failure.log_path or log_path),
-                vllm_args=self.setup.launch.effective(settings).to_vllm_args(),
+                vllm_args=list(redact_argv(self.setup.launch.effective(settings).to_vllm_args())),
+                engine_time_s=time.monotonic() - t0,
+                finished_at=_now(),
+            )
+        except RequestsFailed as failed:
+            partial = RateSearchResult(tuple(points), None, 0.0, str(failed))
+            return replace(
+                base,
+                rate_search=partial.to_json(),
+                failure={
+                    "class": REQUESTS_FAILED,
+                    "message": str(failed),
+                    "log_path": str(log_path),
+                },
                 engine_time_s=time.monotonic() - t0,
                 finished_at=_now(),
             )
@@ -198,13 +226,16 @@ class VllmTrialRunner:
             warmup=warmup,
             timeout_s=self.setup.request_timeout_s,
             endpoint=self.setup.endpoint,
+            api_key=served_api_key(server.settings, server.launch),
         )  # type: ignore[arg-type]
         served = server.info.model if server.info and server.info.model else server.settings.model
-        m = await measure(server.url, served, reqs, cfg, slo=self.setup.slo, stop=stop)
+        watch = None if self.setup.watch is None else self.setup.watch.for_server(server)
+        m = await measure(server.url, served, reqs, cfg, slo=self.setup.slo, stop=stop, watch=watch)
         if stop.is_set() or server.poll_failure() is not None:
             raise ServerDied(server.poll_failure())
         ok = m.summary.failed == 0 and (self.setup.slo is None or self.setup.slo.met(m.summary))
-        point = RatePoint(load, m.summary, ok, None if m.server is None else m.server.to_json())
+        server_json = None if m.server is None else m.server.to_json()
+        point = RatePoint(load, m.summary, ok, server_json, m.telemetry_json(), m.roofline_json())
         self.observer.on_point(name, point.to_json())
         return point
 
@@ -225,12 +256,16 @@ class VllmTrialRunner:
             point = await self._point(server, name, load, warmup, counter["offset"], stop)
             counter["offset"] += load.num_requests + warmup
             points.append(point)
+            if point.summary.completed == 0 and _client_errors(point.summary.errors):
+                raise RequestsFailed(_all_failed(points))  # more of the same measures nothing
             return point
 
         if self.setup.objective == "latency":
             rate = self.setup.latency_rate or 1.0
             load = LoadPoint(rate, None, self.setup.rate.requests_for(rate))
             point = await measure_at(load)
+            if not point.summary.completed and point.summary.failed:
+                raise RequestsFailed(_all_failed(points))
             return RateSearchResult(
                 (point,),
                 point,
@@ -238,7 +273,10 @@ class VllmTrialRunner:
                 f"latency objective: fixed rate {rate:g} req/s",
             )
         cfg = replace(self.setup.rate, concurrency=concurrency)
-        return await find_max_rate(measure_at, self.setup.slo, cfg)
+        result = await find_max_rate(measure_at, self.setup.slo, cfg)
+        if points and not any(p.summary.completed for p in points):
+            raise RequestsFailed(_all_failed(points))
+        return result
 
     async def _repeat(
         self, server: VllmServer, name: str, load: LoadPoint, repeats: int, stop: asyncio.Event
@@ -285,6 +323,26 @@ def _best_load(record: TrialRecord) -> LoadPoint | None:
         int(load["num_requests"]),
         load.get("duration_s"),
     )
+
+
+def _client_errors(errors: Mapping[str, int]) -> bool:
+    """Whether every error is an HTTP client error (4xx): the server refuses these requests
+    as they are (no key, wrong model or path), whatever the load."""
+    return bool(errors) and all(kind.startswith("HTTP 4") for kind in errors)
+
+
+def _all_failed(points: Sequence[RatePoint]) -> str:
+    """``every request failed: HTTP 401 Unauthorized (24 of 24)``: the most common error (its
+    status line, without the body) and the counts over ``points``."""
+    counts: dict[str, int] = {}
+    for point in points:
+        for kind, n in point.summary.errors.items():
+            head = kind.split(": ", 1)[0] if kind.startswith("HTTP ") else kind
+            counts[head] = counts.get(head, 0) + n
+    failed = sum(p.summary.failed for p in points)
+    total = failed + sum(p.summary.completed for p in points)
+    seen = max(counts, key=lambda k: counts[k]) if counts else "no reply"
+    return f"every request failed: {seen} ({failed} of {total})"
 
 
 def _failure_json(failure: Any) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tuner.engine.log import FailureClass, environment_failure, memory_taken
+from tuner.search.objective import worst
 from tuner.search.stats import mean_ci
 
 STATE_COMPLETE = "complete"  # the server ran and the load was measured
@@ -33,8 +35,12 @@ class TrialRecord:
     ``rate_search`` holds every measured load point (``RateSearchResult.to_json()``): its
     summary in ``vllm bench serve`` field names, whether the SLO held, and the server's own
     figures scraped from /metrics (``server``: peak KV usage, preemptions, max running/waiting,
-    and the sampled time series under ``series``). ``best`` is the chosen point's summary with
-    its ``rate`` (None for closed loop). ``estimate`` holds the figures that ranked the
+    and the sampled time series under ``series``), the hardware telemetry sampled while it ran
+    (``telemetry``: device, period_s, samples, mean / p50 / max per figure, a downsampled
+    ``series``, ``notes``) and where it sits on the roofline (``roofline``: achieved bandwidth
+    and FLOP/s, their fractions of the peaks, ``regime``, ``batch``, ``peaks``); the last two
+    are None in records written before vtune measured them. ``best`` is the chosen point's
+    summary with its ``rate`` (None for closed loop). ``estimate`` holds the figures that ranked the
     candidate (predicted_tokens_per_s, kv_capacity_tokens, max_concurrency,
     roofline_knee_batch, weight_bytes). ``server_info`` is what vLLM reported at start
     (kv_cache_size_tokens, max_concurrency, vllm_version, startup_s).
@@ -98,9 +104,57 @@ class TrialRecord:
         return max(known) if known else None
 
     @property
+    def chosen_point(self) -> dict[str, Any] | None:
+        """The point the rate search chose (``best_index``), else the last point measured;
+        None when nothing was measured."""
+        points = self.points
+        index = _dict(self.rate_search).get("best_index")
+        raw = _dict(self.rate_search).get("points")
+        chosen = (
+            raw[index]
+            if isinstance(raw, list) and type(index) is int and 0 <= index < len(raw)
+            else None
+        )
+        if isinstance(chosen, dict) and chosen:
+            return chosen
+        return points[-1] if points else None
+
+    @property
+    def regime(self) -> str | None:
+        """The roofline regime (``memory-bound``, ``compute-bound``, ``overhead-bound``) of the
+        chosen point, else of the last point; None when no point has a roofline (a record
+        written before vtune measured it, or nothing decoded)."""
+        point = self.chosen_point
+        if point is None:
+            return None
+        roofline = _dict(point.get("roofline")) or _dict(
+            _dict(point.get("summary")).get("roofline")
+        )
+        value = roofline.get("regime")
+        return value if isinstance(value, str) and value else None
+
+    @property
     def failure_class(self) -> str | None:
         value = _dict(self.failure).get("class")
         return None if value is None else str(value)
+
+    @property
+    def environment_failure(self) -> bool:
+        """Whether this trial failed for the environment, not for the candidate
+        (:class:`tuner.engine.log.FailureClass`): such a trial is not finished, and the next
+        run measures the candidate again. An OOM counts as the environment's when vLLM found
+        the memory taken at start-up while the candidate left the memory utilization at
+        vLLM's default (an empty device has it: another process holds the memory)."""
+        if self.state != STATE_FAILED:
+            return False
+        if environment_failure(self.failure_class):
+            return True
+        message = str(_dict(self.failure).get("message") or "")
+        return (
+            (self.failure_class or "").lower() == FailureClass.OOM.value
+            and memory_taken(message)
+            and self.knobs.get("gpu_memory_utilization") is None
+        )
 
 
 @dataclass(frozen=True)
@@ -127,11 +181,16 @@ class Finalist:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Finalist:
+    def from_json(cls, data: dict[str, Any], objective: str | None = None) -> Finalist:
+        """Read a finalist back. A null sample (written for a non-finite value) is the worst
+        value for ``objective`` (:func:`tuner.search.objective.worst`)."""
         raw = data.get("samples")
         listed = raw if isinstance(raw, list) else []
+        worst_value = worst(objective)
         samples = [
-            float(v) for v in listed if isinstance(v, int | float) and not isinstance(v, bool)
+            worst_value if v is None else float(v)
+            for v in listed
+            if v is None or (isinstance(v, int | float) and not isinstance(v, bool))
         ]
         figures = [data.get(k) for k in ("mean", "ci_low", "ci_high")]
         name = str(data.get("name", "?"))

@@ -12,7 +12,8 @@
   capped by a cgroup limit, and psutil's available figure).
 
 Results are cached per machine, one JSON file per device: ``$XDG_CACHE_HOME/vtune/probe/
-<device-key>.json`` (``~/.cache`` without XDG_CACHE_HOME), where the key is the GPU's name or
+<device-key>.json`` (``~/.cache`` without XDG_CACHE_HOME; ``$VTUNE_PROBE_DIR`` instead when
+set), where the key is the GPU's name or
 the CPU's model and core count (:func:`local_device_key` works it out without torch, so the
 estimate path stays fast). :func:`load_probe` returns None for a missing file and warns (one
 log line) and returns None for an unreadable one. torch is imported only to measure.
@@ -139,8 +140,11 @@ def local_device_key(kind: str | None = None) -> str:
 
 
 def cache_dir(env: Mapping[str, str] | None = None) -> Path:
-    """``$XDG_CACHE_HOME/vtune/probe`` (``~/.cache/vtune/probe`` when unset or empty)."""
+    """``$VTUNE_PROBE_DIR`` when set (the tests point it at a scratch directory), else
+    ``$XDG_CACHE_HOME/vtune/probe`` (``~/.cache/vtune/probe`` when unset or empty)."""
     env = os.environ if env is None else env
+    if env.get("VTUNE_PROBE_DIR"):
+        return Path(env["VTUNE_PROBE_DIR"])
     base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "vtune" / "probe"
 
