@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 PROMETHEUS = ("prometheus",)
@@ -87,7 +88,11 @@ class _Process:
                 )
             try:
                 http_get(self.url + path, timeout=2)
-                return
+                # The answer must come from our process: a port taken between free_port() and
+                # the bind (tests running side by side) would make another server answer.
+                if self._listening():
+                    return
+                last = "the port answers, but not from this process"
             except (urllib.error.URLError, OSError) as exc:
                 last = str(exc)
             time.sleep(0.2)
@@ -95,6 +100,14 @@ class _Process:
             f"{self.name} not ready after {timeout_s:g}s ({last}):\n{self.log_tail()}",
             pytrace=False,
         )
+
+    def _listening(self) -> bool:
+        port = int(urllib.parse.urlsplit(self.url).port or 0)
+        try:
+            conns = psutil.Process(self.proc.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -272,7 +285,14 @@ def running_pushgateway(ready_timeout_s: float = 30.0) -> Iterator[PushgatewayHa
         url = f"http://127.0.0.1:{port}"
         proc = _start(
             "pushgateway",
-            [binary, f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            [
+                binary,
+                f"--web.listen-address=127.0.0.1:{port}",
+                # Debian's build persists to /var/lib/prometheus by default: every test's pushes
+                # would meet the earlier ones'. In memory only.
+                "--persistence.file=",
+                "--log.level=warn",
+            ],
             url,
             Path(tmp),
         )

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import psutil
@@ -59,12 +60,21 @@ def _argv(model: Path, out: Path) -> list[str]:
     ]
 
 
+# Only this module's vLLM processes count (other tests may run vLLM or its fake beside them).
+MARK = "VTUNE_FAULT_TEST_MARK"
+MARK_VALUE = uuid.uuid4().hex
+
+
 def _vllm_pids() -> set[int]:
     found = set()
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
         if "vllm.entrypoints" in cmd or "VLLM::" in cmd:
-            found.add(proc.pid)
+            try:
+                if proc.environ().get(MARK) == MARK_VALUE:
+                    found.add(proc.pid)
+            except psutil.Error:
+                continue
     return found
 
 
@@ -123,7 +133,7 @@ def _rerun_completes(model: Path, out: Path) -> None:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100"}
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100", MARK: MARK_VALUE}
 
 
 def _start(model: Path, out: Path) -> tuple[procs.Search, set[int], set[str]]:

@@ -168,6 +168,7 @@ def test_basic_auth_against_a_real_pushgateway(tmp_path: Path, caplog) -> None:
             find_binary(PUSHGATEWAY),
             f"--web.listen-address=127.0.0.1:{port}",
             f"--web.config.file={config}",
+            "--persistence.file=",  # Debian's default persists under /var/lib/prometheus
             "--log.level=warn",
         ],
         url,

@@ -32,13 +32,15 @@ OPTIONS = {
     "--kv-cache-memory-bytes --tensor-parallel-size --explain --datasheet --calibration --json "
     "--list-models",
     "gpus": "--json --wide",
-    "bench": "--input-len --output-len --dataset --time-scale --prefix-len --num-prefixes --endpoint --model "
-    "--gpu --engine-arg --url --served-model-name --tokenizer --rate --burstiness --concurrency "
+    "bench": "--input-len --output-len --dataset --time-scale --prefix-len --num-prefixes "
+    "--endpoint --model --gpu --engine-arg --url --served-model-name --tokenizer --rate "
+    "--burstiness --concurrency "
     "--num-prompts --duration --warmup --timeout --slo --json --api-key --seed --port "
     "--startup-timeout --no-scrape --dcgm-url --telemetry-period --metrics-port --metrics-host "
     "--pushgateway",
-    "search": "--input-len --output-len --dataset --time-scale --prefix-len --num-prefixes --endpoint --model "
-    "--gpu --slo --objective --rate --budget --time-budget --param --space --variant "
+    "search": "--input-len --output-len --dataset --time-scale --prefix-len --num-prefixes "
+    "--endpoint --model --gpu --slo --objective --rate --budget --time-budget --param --space "
+    "--variant "
     "--build-variants --max-quality-loss --calib --engine-arg --max-model-len "
     "--kv-cache-memory-bytes --finalists --repeats --sampler --pareto --seconds-per-point "
     "--iterations --storage --out --seed --dry-run --all --json --startup-timeout --vllm-python "

@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -350,3 +354,43 @@ def test_workload_describe_prints_a_table_and_draws_a_png(
     bad = _write(tmp_path, {"arrival_s": 0, "output_tokens": 1}, name="bad.jsonl")
     code, _, err = _describe([str(bad)], capsys)
     assert code == 2 and err.count("\n") == 1 and "line 1: missing 'input_tokens'" in err
+
+
+def test_vtune_bench_replays_a_trace_at_its_recorded_times_scaled(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.prom import free_port
+
+    port = free_port()
+    fake = Path(__file__).parents[1] / "fake_vllm_process.py"
+    server = subprocess.Popen(
+        [sys.executable, str(fake), "--model", "fake", "--port", str(port)],
+        env={"FAKE_VLLM_STARTUP_S": "0", "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        out = tmp_path / "bench.json"
+        argv = ["bench", "--model", str(tiny_model_dir), "--url", f"http://127.0.0.1:{port}"]
+        argv += ["--dataset", f"trace:{EXAMPLE}", "--num-prompts", "60", "--time-scale", "0.25"]
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--json", str(out)])
+        assert info.value.code == 0, capsys.readouterr().err
+    finally:
+        server.terminate()
+        server.wait(10)
+    result = json.loads(out.read_text())
+    assert result["config"]["load"]["arrival"] == "replay" and result["completed"] == 60
+    assert (
+        result["config"]["workload"]["replay"]
+        and result["config"]["workload"]["time_scale"] == 0.25
+    )
+    recorded = [r.arrival_s for r in read_trace(EXAMPLE).requests[:60]]
+    expected = (recorded[-1] - recorded[0]) * 0.25
+    assert max(result["start_times"]) == pytest.approx(expected, abs=0.05)

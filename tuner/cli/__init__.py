@@ -24,6 +24,9 @@ COMMANDS = {
     "deploy": "tuner.cli.deploy:deploy",
     "tiny-model": "tuner.cli.tiny:tiny_model",
     "probe": "tuner.cli.probe:probe",
+    "workload": "tuner.cli.workload:workload",
+    "decide": "tuner.cli.decide:decide",
+    "plan": "tuner.cli.plan:plan",
 }
 
 

@@ -169,6 +169,7 @@ def _config(o: dict[str, Any]) -> Any:
         endpoint=o["endpoint"],
         seed=o["seed"],
         api_key=o["api_key"] or None,
+        replay=workload.replay,
     )
     return core.BenchConfig(
         model=o["model"],

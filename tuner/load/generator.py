@@ -71,7 +71,10 @@ class LoadConfig:
     rate is inf). The first ``warmup`` requests of the set are sent and waited for before the
     measurement starts. The measured phase stops after ``num_requests`` (default: the rest of
     the set) or, when ``duration_s`` is given, when that many seconds have passed (the set is
-    then cycled). ``timeout_s`` bounds each request. The API key is never printed."""
+    then cycled). ``timeout_s`` bounds each request. The API key is never printed.
+    ``replay`` says the requests were built to replay a trace (each has ``Request.at``): they
+    go at those times, rate and burstiness unused (a set with send times is replayed even
+    without it; the flag names the arrival and insists on the times)."""
 
     rate: float = math.inf
     burstiness: float = 1.0
@@ -84,6 +87,7 @@ class LoadConfig:
     seed: int = 0
     ignore_eos: bool = True
     api_key: str | None = field(default=None, repr=False, compare=False)
+    replay: bool = False  # the requests carry their send times (a replayed trace)
 
     def __post_init__(self) -> None:
         if not self.rate > 0:
@@ -108,6 +112,8 @@ class LoadConfig:
 
     @property
     def arrival(self) -> str:
+        if self.replay:
+            return "replay"
         if math.isinf(self.rate):
             return "closed-loop" if self.concurrency else "all-at-once"
         if math.isinf(self.burstiness):
@@ -194,6 +200,8 @@ async def run_load(
             warm, _ = await sender.phase(range(cfg.warmup), math.inf, None)
         measured = range(cfg.warmup, len(requests))
         replay = replays(requests, measured)  # a trace built for replay: its own send times
+        if cfg.replay and not replay:
+            raise ParameterError("a replay needs requests with send times (a trace's)")
         if cfg.duration_s is not None and cfg.num_requests is None:
             order: Iterable[int] = itertools.cycle(measured)
         elif cfg.num_requests is not None:

@@ -5,7 +5,8 @@ vLLM; unit tests use a fake). The loop asks Optuna for a trial, resolves it to a
 the pruning rules, skips what is already finished (this or an earlier run), measures, saves the
 trial at once (atomically, in the study and as a JSON file), and tells Optuna. What runs
 again instead (interrupted, stale, environment-failed trials) and when the search stops on an
-environment failure: :mod:`tuner.search.resume`.
+environment failure: :mod:`tuner.search.resume`. Several workers on one study:
+:mod:`tuner.search.workers`; the settings and the trial order: :mod:`tuner.search.order`.
 """
 
 from __future__ import annotations
@@ -24,44 +25,23 @@ from tuner.search.calibration import AnalyticQueue, OnlineCalibration
 from tuner.search.events import Fanout
 from tuner.search.front import search_front
 from tuner.search.objective import OBJECTIVES as OBJECTIVES  # re-exported for prepare
-from tuner.search.objective import direction, minimized, worst
+from tuner.search.objective import worst
+from tuner.search.order import ANALYTIC_FIRST as ANALYTIC_FIRST  # re-exported: settings, order
+from tuner.search.order import SearchSettings, trial_order
+from tuner.search.order import TrialOrder as TrialOrder
+from tuner.search.order import directions as directions
+from tuner.search.order import make_sampler as make_sampler
+from tuner.search.order import queue_all as queue_all
 from tuner.search.record import STATE_COMPLETE, STATE_PRUNED, Finalist, TrialRecord
 from tuner.search.record_parts import CalibrationInfo
 from tuner.search.resume import abandon, environment_stop, stale_candidates
 from tuner.search.store import TrialStore
-from tuner.search.study import (
-    fail_stale,
-    finished_records,
-    heartbeat,
-    pending_names,
-    running_elsewhere,
-)
+from tuner.search.study import earlier_trial, fail_stale, finished_records, heartbeat, pending_names
+from tuner.search.workers import tell_record, wait_for_others
 
 # After this many sampled trials in a row that ran nothing (pruned or already measured), the
 # sampler has nothing new to offer: the search stops.
 MAX_IDLE_ASKS = 40
-# Candidates queued in analytic order before the sampler (TPE) takes over.
-ANALYTIC_FIRST = 3
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """How the study runs. ``budget``: measured trials (the baseline included; finalist
-    re-runs not); ``time_budget_s``: wall clock for the trial phase."""
-
-    objective: str = "throughput"
-    budget: int | None = None
-    time_budget_s: float | None = None
-    finalists: int = 3
-    repeats: int = 2
-    sampler: str = "auto"  # auto | grid | tpe | nsga2
-    pareto: bool = False
-    seed: int = 0
-
-    @property
-    def minimize(self) -> bool:
-        """Whether the objective is minimised (its direction: :mod:`tuner.search.objective`)."""
-        return minimized(self.objective)
 
 
 class TrialRunner(Protocol):
@@ -84,72 +64,6 @@ class SearchResult:
     elapsed_s: float = 0.0
     finalist_engine_time_s: float = 0.0
     calibration: CalibrationInfo | None = None
-
-
-def directions(settings: SearchSettings) -> list[str]:
-    """The study's Optuna directions: the objective's, or (output throughput: maximize,
-    p95 TPOT: minimize) for the Pareto study."""
-    if settings.pareto:
-        return ["maximize", "minimize"]
-    return [direction(settings.objective)]
-
-
-def _sampler_kind(settings: SearchSettings, queued_all: bool) -> str:
-    if settings.pareto or settings.sampler == "nsga2":
-        return "NSGA-II"
-    if settings.sampler == "tpe" or not queued_all:
-        return "TPE"
-    return "random"  # never consulted: every candidate is queued
-
-
-def make_sampler(settings: SearchSettings, queued_all: bool) -> Any:
-    """TPE for large spaces (NSGA-II for the Pareto study); when every candidate is queued
-    the sampler is never consulted, which makes the study a grid in analytic order."""
-    import optuna
-
-    kind = _sampler_kind(settings, queued_all)
-    if kind == "NSGA-II":
-        return optuna.samplers.NSGAIISampler(seed=settings.seed)
-    if kind == "TPE":
-        return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=4)
-    return optuna.samplers.RandomSampler(seed=settings.seed)
-
-
-def queue_all(plan: Plan, settings: SearchSettings) -> bool:
-    """Grid when asked, or when the whole plan fits the budget."""
-    if settings.sampler == "grid":
-        return True
-    if settings.sampler in ("tpe", "nsga2"):
-        return False
-    return settings.budget is None or len(plan.all()) <= settings.budget
-
-
-@dataclass(frozen=True)
-class TrialOrder:
-    """The order a search measures its plan in. ``queued`` are enqueued in this order before
-    any sampling (vLLM's defaults first); ``rest`` is left to ``sampler`` ("TPE" or "NSGA-II"),
-    which picks among the whole space; for a grid, ``sampler`` is None and ``rest`` empty."""
-
-    queued: tuple[Planned, ...]
-    rest: tuple[Planned, ...]
-    sampler: str | None
-
-    @property
-    def candidates(self) -> list[Planned]:
-        return [*self.queued, *self.rest]
-
-
-def trial_order(plan: Plan, settings: SearchSettings) -> TrialOrder:
-    """The one place that decides what runs first: the whole plan in analytic order when it is
-    a grid (:func:`queue_all`), else the baseline and ``ANALYTIC_FIRST`` distinct analytic
-    picks, then the sampler. The dry run prints it; the search hands the picks out one at a
-    time, re-ordered by the model as calibrated on the trials so far
-    (:class:`tuner.search.calibration.AnalyticQueue`)."""
-    if queue_all(plan, settings):
-        return TrialOrder(tuple(plan.all()), (), None)
-    first = plan.first_picks(ANALYTIC_FIRST)
-    rest = tuple(p for p in plan.all() if p not in first)
-    return TrialOrder(tuple(first), rest, _sampler_kind(settings, False))
 
 
 class Search:
@@ -202,15 +116,23 @@ class Search:
         sampled_pruned: list[Pruned] = []
         idle = 0
         environment_failures = 0  # measured trials in a row that failed for the environment
-        while self._measured(done) < budget and idle < MAX_IDLE_ASKS:
+        while idle < MAX_IDLE_ASKS:
             interrupt.check()
             if self._out_of_time(started):
                 break
-            done.update(finished_records(self.study))  # other workers share the study
+            # Other workers share the study: with nothing left to ask here, wait for what
+            # they still measure (tuner.search.workers), then end with the whole study.
+            if self._measured(done) >= budget:
+                if wait_for_others(self.study, done):
+                    continue
+                break
+            done.update(finished_records(self.study))
             self._requeue(fail_stale(self.study, settle=False), done)
             if not self._waiting():
-                self._enqueue(done, tuple(queue.next(done)))
+                self._enqueue(done, tuple(queue.next(done, pending_names(self.study))))
             if grid and not self._waiting():
+                if wait_for_others(self.study, done):
+                    continue
                 break
             trial = self.study.ask()
             try:
@@ -263,10 +185,12 @@ class Search:
             self.study.tell(trial, state=_state("PRUNED"))
             return None
         planned = outcome
+        done.update(finished_records(self.study))  # another worker may have finished it
         if planned.name in done:
             self._tell_known(trial, done[planned.name])
             return None
-        if running_elsewhere(self.study, planned.name, trial.number):
+        trial.set_user_attr("candidate", planned.name)  # before looking for an earlier one
+        if earlier_trial(self.study, planned.name, trial.number) is not None:
             trial.set_user_attr("running_elsewhere", planned.name)
             self.study.tell(trial, state=_state("PRUNED"))
             return None
@@ -318,7 +242,6 @@ class Search:
 
     def _run_trial(self, trial: Any, planned: Planned) -> TrialRecord:
         variant = self.target.variants[planned.candidate.quantization or "none"]
-        trial.set_user_attr("candidate", planned.name)
         trial.set_user_attr("knobs", planned.candidate.knobs())
         self.observer.on_trial_start(trial.number, planned.name, planned.candidate.knobs())
         record = self.runner.measure(trial.number, planned, variant)
@@ -327,13 +250,7 @@ class Search:
             record = self.calibration.annotate(record, planned)  # the fit before this trial
             if not record.environment_failure:
                 self.store.save(record)
-            trial.set_user_attr("record", record.to_json())
-            if record.state == STATE_COMPLETE:
-                self.study.tell(trial, self._values(record))
-            else:
-                trial.set_user_attr("failure_class", record.failure_class)
-                trial.set_user_attr("environment", record.environment_failure)
-                self.study.tell(trial, state=_state("FAIL"))
+            tell_record(self.study, trial, record, self._values(record))
         self.observer.on_trial_end(record)
         return record
 

@@ -6,32 +6,40 @@ Trials carry user attributes: ``candidate`` (name), ``knobs`` (dict), ``baseline
 environment's failure: not finished, runs again); a trial failed as stale has ``stale: true``,
 one cut short by a stop request ``interrupted: true`` (:mod:`tuner.search.resume`).
 
-Liveness is Optuna's heartbeat (``RDBStorage(heartbeat_interval, grace_period)``): from the
-moment a trial is asked a thread records a heartbeat every ``HEARTBEAT_S`` seconds, and a
-RUNNING trial whose last heartbeat is more than ``GRACE_S`` seconds old is stale. Both times are the
-database's clock, so clock skew between hosts does not matter, and a trial that has never beaten
-(just asked by another worker) is never stale. A worker is not known by ``host:pid``: in a
-container vtune is PID 1 and an Indexed Job's pod keeps its hostname across restarts, so a rerun
-would take its own dead trial for a live one.
+Liveness is a heartbeat judged by the one who watches it, on its own clock: from the moment a
+trial is claimed, a thread adds one to its ``heartbeat`` attribute every ``HEARTBEAT_S``
+seconds, and a worker takes a RUNNING trial for dead (*stale*) once it has itself seen the
+trial's heartbeat stand still for ``GRACE_S`` seconds of its own monotonic clock. No two clocks
+are ever compared, so clock skew between workers does not matter. (Optuna's heartbeat,
+``RDBStorage(heartbeat_interval, grace_period)``, compares the time a beat was written with the
+time it is read, each taken by the database's ``CURRENT_TIMESTAMP``; on SQLite that is each
+worker's own clock, and a worker whose clock ran two minutes ahead failed every live trial of
+the others: tests/faults/test_two_workers.py.) A trial asked but never claimed (its worker died
+in between) goes stale the same way. A worker is not known by ``host:pid``: in a container
+vtune is PID 1 and an Indexed Job's pod keeps its hostname across restarts, so a rerun would
+take its own dead trial for a live one.
 
-A RUNNING trial is *live* when its worker has claimed it (``worker_id``) and its heartbeat is
-not stale; only live trials keep their candidate from running here (:func:`running_elsewhere`,
-:func:`pending_names`). :func:`fail_stale` fails stale trials so their candidates run again.
+A RUNNING trial is *live* when its worker has claimed it (``worker_id``) and it is not stale;
+only live trials keep their candidate from being queued here (:func:`pending_names`).
+:func:`fail_stale` fails stale trials so their candidates run again. Two workers that asked a
+trial for the same candidate (both queued it) settle it by trial number: the later one yields
+to an earlier one that is still running (:func:`earlier_trial`), so exactly one measures it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import socket
 import threading
 import time
 import uuid
-import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -41,8 +49,10 @@ from tuner.search.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 10  # Optuna takes whole seconds
+HEARTBEAT_S = 10
 GRACE_S = 3 * HEARTBEAT_S  # three missed beats: a stalled database write is not a death
+BEAT = "heartbeat"  # the trial attribute its heartbeat counts up
+OPEN_TRIES = 5  # opening a new storage races with workers creating its tables at once
 HOST = socket.gethostname()
 WORKER_ID = uuid.uuid4().hex
 
@@ -54,9 +64,39 @@ def _new_identity() -> None:
 
 os.register_at_fork(after_in_child=_new_identity)
 
-# The storage each study was opened with (Optuna wraps it; we keep ours rather than reaching
-# into ``study._storage``). Weak keys: a study that is dropped takes its entry with it.
-_STORAGES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+@dataclass
+class _Watch:
+    """One study's storage as opened (Optuna wraps it; we keep ours rather than reaching into
+    ``study._storage``), its heartbeat settings, and what this worker has seen of its RUNNING
+    trials: per trial number, the last (claim, beat) and since when, on this process's
+    monotonic clock."""
+
+    storage: Any
+    heartbeat_s: float
+    grace_s: float
+    seen: dict[int, tuple[tuple[Any, Any], float]] = field(default_factory=dict)
+
+    def stale(self, running: list[Any]) -> set[int]:
+        """The numbers of ``running`` (all the RUNNING trials) whose claim and heartbeat this
+        worker has seen stand still for ``grace_s`` seconds; the watch of a trial starts when
+        this worker first sees it. This worker's own trials are never stale."""
+        now = time.monotonic()
+        seen, stale = {}, set()
+        for trial in running:
+            state = (trial.user_attrs.get("worker_id"), trial.user_attrs.get(BEAT))
+            last = self.seen.get(trial.number)
+            if last is None or last[0] != state:
+                last = (state, now)
+            elif now - last[1] >= self.grace_s and state[0] != WORKER_ID:
+                stale.add(trial.number)
+            seen[trial.number] = last
+        self.seen = seen  # finished trials are forgotten
+        return stale
+
+
+# Weak keys: a study that is dropped takes its watch with it.
+_WATCHES: weakref.WeakKeyDictionary[Any, _Watch] = weakref.WeakKeyDictionary()
 
 
 def _optuna() -> Any:
@@ -111,40 +151,44 @@ def open_study(
     directions: list[str],
     sampler: Any,
     *,
-    heartbeat_s: int = HEARTBEAT_S,
-    grace_s: int = GRACE_S,
+    heartbeat_s: float = HEARTBEAT_S,
+    grace_s: float = GRACE_S,
 ) -> Any:
-    """Create or load the study, with Optuna heartbeats every ``heartbeat_s`` and staleness
-    after ``grace_s`` seconds; StorageError with one line when the storage is unreachable."""
+    """Create or load the study; its trials' heartbeats beat every ``heartbeat_s`` and go
+    stale after ``grace_s`` seconds seen standing still; StorageError with one line when the
+    storage is unreachable."""
     optuna = _optuna()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=_engine_kwargs(url),
-                heartbeat_interval=heartbeat_s,
-                grace_period=grace_s,
+    for attempt in range(1, OPEN_TRIES + 1):
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            study = optuna.create_study(
+                study_name=name,
+                storage=storage,
+                directions=directions,
+                sampler=sampler,
+                load_if_exists=True,
             )
-        study = optuna.create_study(
-            study_name=name,
-            storage=storage,
-            directions=directions,
-            sampler=sampler,
-            load_if_exists=True,
-        )
-    except (ImportError, ModuleNotFoundError) as exc:
-        raise StorageError(f"study storage {redact(url)}: missing driver ({exc.name})") from None
-    except Exception as exc:  # SQLAlchemy raises many types for "cannot connect"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"cannot open study storage {redact(url)}: {first[:200]}") from None
-    # Optuna warns on every ask() that heartbeats are meant for optimize(); with ask/tell this
-    # module records them itself (heartbeat()).
-    warnings.filterwarnings(
-        "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
-    )
-    _STORAGES[study] = storage
+            break
+        except (ImportError, ModuleNotFoundError) as exc:
+            raise StorageError(
+                f"study storage {redact(url)}: missing driver ({exc.name})"
+            ) from None
+        except Exception as exc:  # SQLAlchemy raises many types for "cannot connect"
+            if attempt < OPEN_TRIES and _lost_creation_race(exc):
+                time.sleep(random.uniform(0.1, 0.5))  # the other worker's tables are there now
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StorageError(f"cannot open study storage {redact(url)}: {first[:200]}") from None
+    _WATCHES[study] = _Watch(storage, heartbeat_s, grace_s)
     return study
+
+
+def _lost_creation_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is another worker creating the tables of a new storage at the same
+    moment: Optuna creates them on first use without a lock ("table studies already exists",
+    "UNIQUE constraint failed: alembic_version.version_num"; optuna/optuna#1092, #4621)."""
+    text = str(exc).lower()
+    return type(exc).__name__ == "IntegrityError" or "already exists" in text
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -155,52 +199,55 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 
 
 def fail_stale(study: Any, *, settle: bool = True) -> list[int]:
-    """Fail the RUNNING trials whose heartbeat is stale, marked ``stale: true``; returns their
-    numbers. Their candidates are then neither finished nor pending, so they run again.
+    """Fail the RUNNING trials this worker has seen go stale, marked ``stale: true``; returns
+    their numbers. Their candidates are then neither finished nor pending, so they run again.
 
-    With ``settle``, when a live-looking trial was claimed from this hostname by another
-    worker — a previous run of this pod, killed less than a grace period ago, or a sibling
-    worker on this machine — wait one grace period first, so a dead one is failed now rather
+    A worker sees a trial go stale only after watching it for a grace period. With
+    ``settle``, when a live-looking trial was claimed from this hostname by another worker —
+    a previous run of this pod, killed less than a grace period ago, or a sibling worker on
+    this machine — watch it for one grace period first, so a dead one is failed now rather
     than skipped as running elsewhere; a live one keeps beating through the wait."""
-    storage = _STORAGES.get(study)
-    if storage is None:
+    watch = _WATCHES.get(study)
+    if watch is None:
         return []  # not opened by open_study: no heartbeats to judge by
     if settle and any(
         t.user_attrs.get("worker") == HOST and t.user_attrs.get("worker_id") != WORKER_ID
         for t in _live(study)
     ):
-        wait = int(storage.grace_period) + 2  # + 2: the database clock may count whole seconds
-        log.warning("a trial from this host may be dead; waiting %d s for its heartbeat", wait)
+        wait = watch.grace_s + 2  # + 2: a beat due at the very end is written too
+        log.warning("a trial from this host may be dead; waiting %.0f s for its heartbeat", wait)
         time.sleep(wait)
     optuna = _optuna()
+    storage = watch.storage
+    study_id = storage.get_study_id_from_name(study.study_name)
     failed = []
-    for trial_id in _stale_ids(study, storage):
+    for number in sorted(watch.stale(_running(study))):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         try:
             storage.set_trial_user_attr(trial_id, "stale", True)
         except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker failed it first
-        number = storage.get_trial_number_from_id(trial_id)
+            continue  # it ended meanwhile, or another worker failed it first
         study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         failed.append(number)
     return failed
 
 
-def _stale_ids(study: Any, storage: Any) -> list[int]:
-    """Optuna's own judgment (what ``optuna.storages.fail_stale_trials`` fails), asked before
-    failing so that the trials can be marked first: a finished trial takes no attributes."""
-    return list(storage._get_stale_trial_ids(storage.get_study_id_from_name(study.study_name)))
+def _running(study: Any) -> list[Any]:
+    optuna = _optuna()
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+
+def _not_stale(study: Any) -> list[Any]:
+    """RUNNING trials that are not stale (claimed or not), as this worker sees them now."""
+    running = _running(study)
+    watch = _WATCHES.get(study)
+    stale = watch.stale(running) if watch is not None else set()
+    return [t for t in running if t.number not in stale]
 
 
 def _live(study: Any) -> list[Any]:
     """RUNNING trials claimed by a worker whose heartbeat is not stale."""
-    optuna = _optuna()
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    claimed = [t for t in running if t.user_attrs.get("worker_id")]
-    storage = _STORAGES.get(study)
-    if storage is None or not claimed:
-        return claimed
-    stale = {storage.get_trial_number_from_id(i) for i in _stale_ids(study, storage)}
-    return [t for t in claimed if t.number not in stale]
+    return [t for t in _not_stale(study) if t.user_attrs.get("worker_id")]
 
 
 def finished_records(study: Any) -> dict[str, TrialRecord]:
@@ -239,29 +286,58 @@ def running_elsewhere(study: Any, name: str, except_number: int) -> bool:
     )
 
 
+def measuring_elsewhere(study: Any) -> set[str]:
+    """Candidates of the RUNNING trials of other workers that are not stale (claimed, or
+    about to be)."""
+    return {
+        str(t.user_attrs["candidate"])
+        for t in _not_stale(study)
+        if t.user_attrs.get("worker_id") != WORKER_ID and t.user_attrs.get("candidate")
+    }
+
+
+def earlier_trial(study: Any, name: str, number: int) -> int | None:
+    """The first trial before trial ``number`` that holds candidate ``name`` and is still
+    RUNNING and not stale — claimed, or asked and about to be (its worker is between ask and
+    claim) —, or None. Trial ``number`` measures ``name`` only when there is none: of two
+    workers that both queued and asked it, the later yields and the earlier measures, never
+    both and never neither. (A trial the sampler proposed names its candidate only when it
+    starts: two such trials may both measure it, a duplicate, never a loss.)"""
+    earlier = [
+        t.number
+        for t in _not_stale(study)
+        if t.number < number and t.user_attrs.get("candidate") == name
+    ]
+    return min(earlier, default=None)
+
+
 @contextmanager
 def heartbeat(trial: Any) -> Iterator[None]:
-    """Claim ``trial`` for this worker and record its Optuna heartbeat while the body runs.
+    """Claim ``trial`` for this worker and keep its heartbeat going while the body runs: its
+    ``heartbeat`` attribute counts up every heartbeat interval, from a thread.
 
-    The first beat comes before the claim: a worker killed in between leaves a trial that no
-    one counts as live and that goes stale. Without a kept storage (a study not opened by
-    :func:`open_study`) the trial is claimed and nothing beats."""
-    storage = _STORAGES.get(trial.study)
-    trial_id = trial._trial_id  # Trial has no public id; Optuna's own heartbeat uses this one
-    if storage is not None:
-        storage.record_heartbeat(trial_id)
+    A worker killed before the claim leaves an unclaimed RUNNING trial, which goes stale like
+    any other. Without a watch (a study not opened by :func:`open_study`) the trial is
+    claimed and nothing beats."""
     trial.set_user_attr("worker_id", WORKER_ID)
     trial.set_user_attr("worker", HOST)
-    if storage is None:
+    watch = _WATCHES.get(trial.study)
+    if watch is None:
         yield
         return
+    storage = watch.storage
+    trial_id = trial._trial_id  # Trial has no public id; Optuna's own heartbeat uses this one
+    finished = _optuna().exceptions.UpdateFinishedTrialError
     stop = threading.Event()
-    interval = float(storage.get_heartbeat_interval())
 
     def beat() -> None:
-        while not stop.wait(interval):
+        count = 0
+        while not stop.wait(watch.heartbeat_s):
+            count += 1
             try:
-                storage.record_heartbeat(trial_id)
+                storage.set_trial_user_attr(trial_id, BEAT, count)
+            except finished:
+                return  # told (here, or failed by another worker): nothing left to keep alive
             except Exception as exc:  # a storage hiccup must not kill the trial
                 log.warning("heartbeat failed: %s", exc)
 

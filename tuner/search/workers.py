@@ -1,0 +1,78 @@
+"""Several workers on one study (one storage, the same command, each its own ``--out``).
+
+They share the work through the study: a worker skips what another finished, yields a
+candidate another one measures (:func:`tuner.search.study.earlier_trial`), and fails what a dead
+one left (:func:`tuner.search.study.fail_stale`). Two more rules make both of them end with the
+whole study:
+
+- a worker with nothing left to ask while others still measure candidates it has no result
+  for waits for them (:func:`wait_for_others`) instead of writing its profile from part of the
+  study; if one of them dies, its trial goes stale and its candidate is measured here;
+- a finished measurement is never lost (:func:`tell_record`): when another worker failed the
+  trial meanwhile (it saw this worker's heartbeat stand still for a grace period: a stopped
+  process, a database that did not answer), the record goes into the study as a new trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from tuner.search.record import STATE_COMPLETE, TrialRecord
+from tuner.search.study import finished_records, measuring_elsewhere
+
+log = logging.getLogger(__name__)
+
+WAIT_S = 2.0  # how often a worker that waits for the others looks again
+
+
+def wait_for_others(study: Any, done: dict[str, TrialRecord]) -> bool:
+    """When other live workers measure candidates missing from ``done``: wait ``WAIT_S``,
+    add what the study finished meanwhile to ``done`` and return True (look again); else
+    False (nothing to wait for)."""
+    if not measuring_elsewhere(study) - set(done):
+        return False
+    time.sleep(WAIT_S)
+    done.update(finished_records(study))
+    return True
+
+
+def tell_record(study: Any, trial: Any, record: TrialRecord, values: Any) -> None:
+    """Keep ``record`` in the study and end ``trial`` with it: complete with ``values``, or
+    failed (with its failure class, and whether the environment failed). When the trial was
+    failed by another worker meanwhile, the record goes into a new trial instead."""
+    import optuna
+
+    attrs: dict[str, Any] = {"record": record.to_json()}
+    complete = record.state == STATE_COMPLETE
+    if not complete:
+        attrs.update(failure_class=record.failure_class, environment=record.environment_failure)
+    try:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if complete:
+            study.tell(trial, values)
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.warning(
+            "trial %d (%s) was failed by another worker while it was measured; its record is "
+            "kept in a new trial",
+            trial.number,
+            record.name,
+        )
+        kept = {k: v for k, v in trial.user_attrs.items() if k != "stale"}
+        state = optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.FAIL
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                values=(values if isinstance(values, list) else [values]) if complete else None,
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs={**kept, **attrs, "replaces": trial.number},
+            )
+        )
+
+
+__all__ = ["WAIT_S", "tell_record", "wait_for_others"]
