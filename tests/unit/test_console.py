@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
+from tests.configs import TINY_LLAMA_CONFIG
 from tuner.cli.console import print_search_result
 from tuner.cli.search import tune_config
 from tuner.plan.prune import Planned, Variant
@@ -22,18 +23,7 @@ from tuner.search.record import STATE_COMPLETE, Finalist, SearchRecord, TrialRec
 from tuner.search.run import run_search
 
 SAMPLE = Path(__file__).parent.parent / "data" / "sample_record.json"
-CONFIG = {
-    "model_type": "llama",
-    "num_hidden_layers": 2,
-    "hidden_size": 256,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "intermediate_size": 1024,
-    "vocab_size": 1024,
-    "max_position_embeddings": 2048,
-    "torch_dtype": "bfloat16",
-}
+CONFIG = TINY_LLAMA_CONFIG
 # The demo's case: on first runs seqs64 beats seqs256 on both axes, the re-runs reverse it.
 # max_num_seqs -> (first-run output tok/s, p95 TPOT ms, re-measured tok/s); 128: the baseline.
 FIGURES = {16: (500.0, 5.0, 500.0), 64: (1000.0, 10.0, 700.0), 128: (300.0, 30.0, 300.0)}

@@ -8,23 +8,13 @@ import json
 
 from click.testing import CliRunner
 
+from tests.configs import TINY_LLAMA_CONFIG
 from tuner.cli import cli
 from tuner.cli.search import tune_config
 from tuner.search.prepare import prepare
 from tuner.search.runner import trial_order
 
-CONFIG = {
-    "model_type": "llama",
-    "num_hidden_layers": 2,
-    "hidden_size": 256,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "intermediate_size": 1024,
-    "vocab_size": 1024,
-    "max_position_embeddings": 2048,
-    "torch_dtype": "bfloat16",
-}
+CONFIG = TINY_LLAMA_CONFIG
 ARGV = ["--model", "meta-llama/Llama-3.1-8B-Instruct", "--gpu", "h100", "--budget", "20"]
 
 

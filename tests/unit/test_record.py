@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+from tests.configs import TINY_LLAMA_CONFIG
 from tuner.cli import cli, main
 from tuner.cli.console import print_plan, print_search_result
 from tuner.cli.search import tune_config
@@ -36,18 +37,7 @@ from tuner.search.runner import SearchSettings, directions, trial_order
 
 SAMPLE = Path(__file__).parent.parent / "data" / "sample_record.json"
 VLLM_VERSION = "0.31.1"  # not the default image's version: deploy must read it from the record
-CONFIG = {
-    "model_type": "llama",
-    "num_hidden_layers": 2,
-    "hidden_size": 256,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "intermediate_size": 1024,
-    "vocab_size": 1024,
-    "max_position_embeddings": 2048,
-    "torch_dtype": "bfloat16",
-}
+CONFIG = TINY_LLAMA_CONFIG
 
 
 class FakeRunner:

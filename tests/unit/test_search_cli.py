@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.configs import TINY_LLAMA_CONFIG
 from tuner.cli import main
 
-CONFIG = {
-    "model_type": "llama",
-    "num_hidden_layers": 2,
-    "hidden_size": 256,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "intermediate_size": 1024,
-    "vocab_size": 1024,
-    "max_position_embeddings": 2048,
-    "torch_dtype": "bfloat16",
-}
+CONFIG = TINY_LLAMA_CONFIG
 
 
 @pytest.fixture()
