@@ -82,6 +82,27 @@ def read_json(path: str | Path) -> Any:
         raise ParameterError(f"{path} is not valid JSON (too deep or too long)") from None
 
 
+def read_text_file(
+    path: str | Path, what: str, kind: str, error: type[Exception] = ParameterError
+) -> str:
+    """The UTF-8 text of a user's input file (a byte-order mark is harmless); ``error`` with
+    one line naming ``what`` ("trace", "dataset") for a directory (not a ``kind``), a missing
+    or unreadable file, or text that is not UTF-8."""
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{what} {p} is a directory, not a {kind}")
+    if not p.exists():
+        raise error(f"{what} file not found: {p}")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise error(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {p} is not UTF-8 text (byte {exc.start})") from None
+
+
 def json_default(value: Any) -> Any:
     """``json.dumps`` default for the types vtune's records hold."""
     if isinstance(value, Path):

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tuner.errors import DatasetError
-from tuner.files import atomic_write_text
+from tuner.files import atomic_write_text, read_text_file
 
 HASH_BLOCK_TOKENS = 512  # Mooncake's block size: one hash id stands for this many tokens
 SESSION_SLOTS = 64  # conversations in progress at once when sessions are re-sampled
@@ -137,18 +137,7 @@ class Trace:
 def read_trace(path: str | Path) -> Trace:
     """Read and check a JSONL trace (see the module docstring); DatasetError in one line."""
     p = Path(path)
-    if p.is_dir():
-        raise DatasetError(f"trace {p} is a directory, not a JSONL file")
-    if not p.exists():
-        raise DatasetError(f"trace file not found: {p}")
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise DatasetError(f"cannot read trace {p}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"trace {p} is not UTF-8 text (byte {exc.start})") from None
+    text = read_text_file(p, "trace", "JSONL file", DatasetError)
     requests = [_entry(p, number, line) for number, line in _lines(text)]
     if not requests:
         raise DatasetError(

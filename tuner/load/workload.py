@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from tuner.errors import DatasetError, ParameterError
+from tuner.files import read_text_file
 from tuner.load.conversations import (
     ConversationSpec,
     conversation_plan,
@@ -136,18 +137,7 @@ def read_sharegpt(path: str | Path) -> list[tuple[str, str]]:
     that is not UTF-8 or not JSON, JSON that is not a list, or no usable entry.
     """
     p = Path(path)
-    if p.is_dir():
-        raise DatasetError(f"dataset {p} is a directory, not a ShareGPT JSON file")
-    if not p.exists():
-        raise DatasetError(f"dataset file not found: {p}")
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise DatasetError(f"cannot read dataset {p}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark is harmless
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"dataset {p} is not UTF-8 text (byte {exc.start})") from None
+    text = read_text_file(p, "dataset", "ShareGPT JSON file", DatasetError)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
