@@ -529,9 +529,9 @@ DRIVER = textwrap.dedent(
     launch = LaunchConfig(command=(sys.executable, script, mode), device="cpu", log_dir=log_dir,
                           stop_grace_s=1.0)
     server = VllmServer(EngineSettings("m"), launch)
-    server.start()
-    print(server.pid, flush=True)
-    try:
+    try:  # the signal may land as soon as the pid is out, before a later ``try`` would begin
+        server.start()
+        print(server.pid, flush=True)
         time.sleep(600)
     except Interrupted as exc:
         sys.exit(128 + exc.signum)
