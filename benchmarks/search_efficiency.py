@@ -4,19 +4,33 @@
         [--referee N] [--reuse]
 
 Runs the same space twice on the tiny model: once as the full grid (every candidate measured,
-``--sampler grid --repeats 0``), once as vtune searches it by default (analytic picks first,
-then TPE, with ``--budget`` trials, finalists re-measured). Prints engine time (the sum of
-each run's vLLM launches and measurements, finalist re-runs included) as a ratio, and regret:
-how far vtune's choice is from the grid's best.
+``--sampler grid --repeats 0``), once as vtune searches it by default (the baseline, the
+max_num_seqs screen in one launch, the analytic picks re-ordered by the screen and the online
+calibration, then TPE, with ``--budget`` trials, finalists re-measured). The space has 36
+candidates: max_num_seqs x max_num_batched_tokens x enable_prefix_caching, a knob vLLM CPU
+honours (its V1 engine caches prefixes on CPU too; each capacity probe cycles its request set,
+so repeats hit the cache). KV dtype fp8 does not run on CPU, and block size is tied to the CPU
+attention backend, so neither is in the space.
 
-Regret is printed twice. By the grid's own single measurement of both candidates, and by a
-referee: both candidates measured again, ``--referee`` rounds each, alternating, every round
-a fresh launch and a full trial (capacity probe and rate search), compared on the means with
-95 % intervals. On 2 shared CPU cores one measurement varies by 15 % or more (the grid's
-baseline and its identical ``seqs128-mbt2048`` differ that much), so the grid's best is partly
-the luckiest draw; the referee is the comparison that noise does not decide.
-Target: within 3 % of the grid's best at no more than 25 % of its engine time.
-Takes about 45 minutes on 2 cores (the grid dominates); ``--reuse`` keeps finished runs.
+One run prints:
+
+* engine time (each run's vLLM launches and measurements: every trial, the baseline
+  included, the finalists' re-runs, and the screen's launch) and the ratio vtune / grid;
+* regret: how far vtune's choice is from the grid's best, by the grid's single measurements,
+  and by a referee: both candidates measured again, ``--referee`` rounds each, alternating,
+  every round a fresh launch and a full trial, compared on the means with 95 % intervals
+  (on 2 shared CPU cores one measurement varies by 15 % or more, so the grid's best is partly
+  the luckiest draw; the referee is the comparison that noise does not decide);
+* the calibration's error (MAPE, %) on trials it had not yet seen, before (the plan's
+  constants) and after (fitted on the trials before each one), from each record's
+  ``calibration`` block;
+* the screen's faithfulness: rank correlation (Spearman) and capacity error of the screened
+  closed-loop figures, against the search's own launches of the same candidates (the record's
+  ``screen`` block) and against the grid's launches of every rung.
+
+Target: within 3 % of the grid's best at no more than a fifth of its engine time.
+Takes about an hour on 2 cores (the grid dominates); ``--reuse`` keeps finished runs.
+:func:`compare` and :func:`report` work on two saved records (a unit test feeds them).
 """
 
 from __future__ import annotations
@@ -26,22 +40,27 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SPACE = {
-    "max_num_seqs": [4, 8, 16, 32, 64, 128, 256, 512],
+SPACE: dict[str, list[Any]] = {
+    "max_num_seqs": [4, 8, 16, 32, 64, 256],
     "max_num_batched_tokens": [1024, 2048, 4096],
+    "enable_prefix_caching": [True, False],
 }
 SLO = "ttft:p95<1s;tpot:p95<100ms"
+TARGET_RATIO = 0.20
+TARGET_REGRET = 0.03
 
 
 def search_argv(model: Path, out: Path, extra: list[str]) -> list[str]:
     space = out / "space.yaml"
     space.parent.mkdir(parents=True, exist_ok=True)
-    space.write_text("".join(f"{k}: {v}\n" for k, v in SPACE.items()))
+    space.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in SPACE.items()))
     return [
         "--model",
         str(model),
@@ -69,11 +88,152 @@ def run(argv: list[str], out: Path, reuse: bool) -> tuple[dict, float | None]:
     """The search's JSON record and its wall time (None when a finished record was reused)."""
     found = next(out.glob("*/cpu.json"), None)
     if reuse and found is not None:
-        return json.loads(found.read_text()), None
+        record = json.loads(found.read_text())
+        space = (record.get("plan") or {}).get("space") or {}
+        if {k: space.get(k) for k in SPACE} != SPACE:  # e.g. a grid of the older, smaller space
+            sys.exit(f"{found} searched another space; rerun without --reuse")
+        return record, None
     start = time.monotonic()
     subprocess.run([sys.executable, "-m", "tuner", "search", *argv], check=True, cwd=ROOT)
     wall = time.monotonic() - start
     return json.loads(next(out.glob("*/cpu.json")).read_text()), wall
+
+
+# --- the comparison (pure: two records in, figures out) -------------------------------------------
+
+
+def engine_time(record: dict[str, Any]) -> float:
+    """The engine seconds a search spent: its trials (the baseline included), the finalists'
+    re-runs and the screen's launch."""
+    study = record.get("study") or {}
+    screen = record.get("screen") or {}
+    parts = (
+        study.get("engine_time_s"),
+        study.get("finalist_engine_time_s"),
+        screen.get("engine_time_s"),
+    )
+    return float(sum(p or 0.0 for p in parts))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What :func:`report` prints, from the grid's record and vtune's."""
+
+    grid_engine_s: float
+    vtune_engine_s: float
+    grid_best: str
+    chosen: str | None
+    grid_values: dict[str, float]
+    measured: tuple[int, int]  # trials launched: grid, vtune
+    calibration: dict[str, tuple[float | None, float | None]]  # run -> (before, after)
+    screen_own: dict[str, Any] | None  # the record's faithfulness figures
+    screen_grid: dict[str, Any] | None  # the same, against the grid's launches
+
+    @property
+    def ratio(self) -> float:
+        return self.vtune_engine_s / self.grid_engine_s if self.grid_engine_s else float("inf")
+
+    @property
+    def regret_by_grid(self) -> float:
+        best = self.grid_values.get(self.grid_best) or 0.0
+        mine = self.grid_values.get(self.chosen or "", 0.0)
+        return 1.0 - mine / best if best else 0.0
+
+
+def compare(grid: dict[str, Any], vt: dict[str, Any]) -> Comparison:
+    """The grid's record against vtune's: engine time, the choice, the calibration's error,
+    and the screen's faithfulness (its own and against the grid's launches)."""
+    from tuner.search.record_parts import ScreenInfo
+    from tuner.search.screen_run import faithfulness, probe_capacity
+    from tuner.search.trial_record import TrialRecord
+
+    trials = {t["name"]: t for t in grid.get("trials") or []}
+    values = {n: float(t.get("objective") or 0.0) for n, t in trials.items()}
+    grid_best = max(values, key=values.__getitem__) if values else "?"
+    launched = [t for t in vt.get("trials") or [] if t.get("engine_time_s")]
+
+    def mape(record: dict[str, Any]) -> tuple[float | None, float | None]:
+        block = record.get("calibration") or {}
+        return block.get("mape_before"), block.get("mape_after")
+
+    screen_own = screen_grid = None
+    info = ScreenInfo.from_json(vt["screen"]) if isinstance(vt.get("screen"), dict) else None
+    if info is not None:
+        keys = ("compared", "spearman_capacity", "spearman_objective")
+        keys += ("capacity_mape", "capacity_bias")
+        screen_own = {k: getattr(info, k) for k in keys}
+        rungs = []
+        for r in info.results:
+            real = trials.get(r.name)
+            record = TrialRecord.from_json(real) if real is not None else None
+            objective = values.get(r.name) if real and real.get("state") == "complete" else None
+            rungs.append(replace(r, real_capacity=probe_capacity(record), real_objective=objective))
+        screen_grid = faithfulness(rungs)
+    return Comparison(
+        grid_engine_s=engine_time(grid),
+        vtune_engine_s=engine_time(vt),
+        grid_best=grid_best,
+        chosen=vt.get("best"),
+        grid_values=values,
+        measured=(
+            sum(1 for t in grid.get("trials") or [] if t.get("engine_time_s")),
+            len(launched),
+        ),
+        calibration={"grid": mape(grid), "vtune": mape(vt)},
+        screen_own=screen_own,
+        screen_grid=screen_grid,
+    )
+
+
+def report(c: Comparison, walls: tuple[float | None, float | None] = (None, None)) -> list[str]:
+    """The lines the benchmark prints for ``c`` (the referee's come after, when it runs)."""
+
+    def wall(w: float | None) -> str:
+        return "reused" if w is None else f"{w:.0f}"
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1f}%"
+
+    def num(v: float | None, fmt: str = ".2f") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    chosen = c.chosen or "none"
+    lines = [
+        f"{'':28s} {'grid':>18s} {'vtune':>18s}",
+        f"{'candidates launched':28s} {c.measured[0]:18d} {c.measured[1]:18d}",
+        f"{'engine time (s)':28s} {c.grid_engine_s:18.0f} {c.vtune_engine_s:18.0f}",
+        f"{'wall time (s)':28s} {wall(walls[0]):>18s} {wall(walls[1]):>18s}",
+        f"{'best candidate':28s} {c.grid_best:>18s} {chosen:>18s}",
+        f"{'its grid objective':28s} {c.grid_values.get(c.grid_best, 0.0):18.0f} "
+        f"{c.grid_values.get(chosen, 0.0):18.0f}",
+    ]
+    for run in ("grid", "vtune"):
+        before, after = c.calibration[run]
+        lines.append(
+            f"calibration MAPE on unseen trials ({run}): before {pct(before)}, after {pct(after)}"
+        )
+    for label, figures in (("its own launches", c.screen_own), ("the grid", c.screen_grid)):
+        if figures is None:
+            lines.append(f"screen vs {label}: no screen in the vtune record")
+            continue
+        lines.append(
+            f"screen vs {label} ({figures['compared']} candidates): Spearman capacity "
+            f"{num(figures['spearman_capacity'])}, objective {num(figures['spearman_objective'])}"
+            f"; capacity error {pct(figures['capacity_mape'])} "
+            f"(bias {pct(figures['capacity_bias'])})"
+        )
+    lines.append(
+        f"\nengine-time ratio vtune/grid: {c.ratio:.2f} (target <= {TARGET_RATIO:.2f}; "
+        "trials, baseline, finalists and screen included)"
+    )
+    lines.append(
+        f"regret by the grid's single measurements: {c.regret_by_grid:.1%} "
+        f"(target <= {TARGET_REGRET:.0%})"
+    )
+    return lines
+
+
+# --- the referee ----------------------------------------------------------------------------------
 
 
 def referee(argv: list[str], names: list[str], rounds: int) -> dict[str, list[float]]:
@@ -105,7 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="tiny model dir (built if absent)")
     parser.add_argument("--out", type=Path, default=Path("runs/search-efficiency"))
-    parser.add_argument("--budget", type=int, default=6)
+    parser.add_argument("--budget", type=int, default=6, help="vtune's measured trials")
     parser.add_argument("--referee", type=int, default=3, help="re-measurements of each pick")
     parser.add_argument("--reuse", action="store_true", help="keep finished grid/vtune runs")
     args = parser.parse_args()
@@ -118,38 +278,18 @@ def main() -> None:
     grid, grid_wall = run(grid_argv, args.out / "grid", args.reuse)
     vt, vt_wall = run(vt_argv, args.out / "vtune", args.reuse)
 
-    grid_value = {t["name"]: t["objective"] or 0.0 for t in grid["trials"]}
-    grid_best = max(grid_value, key=grid_value.__getitem__)
-    chosen = vt["best"]
-    grid_engine = grid["study"]["engine_time_s"]
-    vt_engine = vt["study"]["engine_time_s"] + vt["study"]["finalist_engine_time_s"]
-
-    def wall(w: float | None) -> str:
-        return "reused" if w is None else f"{w:.0f}"
-
-    print(f"{'':24s} {'grid':>16s} {'vtune':>16s}")
-    print(f"{'candidates measured':24s} {len(grid['trials']):16d} {len(vt['trials']):16d}")
-    print(f"{'engine time (s)':24s} {grid_engine:16.0f} {vt_engine:16.0f}")
-    print(f"{'wall time (s)':24s} {wall(grid_wall):>16s} {wall(vt_wall):>16s}")
-    print(f"{'best candidate':24s} {grid_best:>16s} {chosen:>16s}")
-    print(
-        f"{'its grid objective':24s} {grid_value[grid_best]:16.0f} "
-        f"{grid_value.get(chosen, 0.0):16.0f}"
-    )
-    ratio = vt_engine / grid_engine
-    print(f"\nengine-time ratio vtune/grid: {ratio:.2f} (target <= 0.25)")
-    by_grid = 1 - grid_value.get(chosen, 0.0) / grid_value[grid_best]
-    print(f"regret by the grid's single measurements: {by_grid:.1%} (target <= 3%)")
-    if chosen == grid_best:
+    c = compare(grid, vt)
+    print("\n".join(report(c, (grid_wall, vt_wall))))
+    if c.chosen == c.grid_best:
         print("referee: not needed, vtune chose the grid's best")
         return
-    if args.referee < 2:
+    if args.referee < 2 or c.chosen is None:
         return
-    samples = referee(vt_argv, [grid_best, chosen], args.referee)
-    best_f, chosen_f = (Finalist.of(n, samples[n]) for n in (grid_best, chosen))
+    samples = referee(vt_argv, [c.grid_best, c.chosen], args.referee)
+    best_f, chosen_f = (Finalist.of(n, samples[n]) for n in (c.grid_best, c.chosen))
     for f in (best_f, chosen_f):
         print(f"referee {f.name}: mean {f.mean:,.0f} [{f.ci_low:,.0f}, {f.ci_high:,.0f}]")
-    regret = 1 - chosen_f.mean / best_f.mean
+    regret = 1 - chosen_f.mean / best_f.mean if best_f.mean else 0.0
     verdict = "within noise" if best_f.overlaps(chosen_f) else "outside noise"
     print(f"regret by the referee's means: {regret:.1%} ({verdict}; target <= 3%)")
 

@@ -106,8 +106,21 @@ def _leftover_vllm_processes() -> list[str]:
     return found
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``) every test that starts
+    real vLLM goes to one worker, one after another: two vLLM CPU servers at once on a small
+    machine would time each other out, while the unit and fake-engine tests fit beside one."""
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            item.add_marker(pytest.mark.xdist_group("vllm"))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run if a vLLM process started by the tests outlived them (after 15 s of grace)."""
+    """Fail the run if a vLLM process started by the tests outlived them (after 15 s of grace).
+    Under pytest-xdist only the controller looks, once every worker is done (a worker would
+    see the other worker's live processes)."""
+    if hasattr(session.config, "workerinput"):
+        return
     deadline = time.monotonic() + 15
     left = _leftover_vllm_processes()
     while left and time.monotonic() < deadline:

@@ -10,7 +10,8 @@ Run it through ``tests/bin/fake-vllm-python`` given as ``--vllm-python``. Enviro
 ``unsupported``: log vLLM's message for that failure and exit 1), ``VLLM_API_KEY`` (require
 ``Authorization: Bearer KEY``, answer 401 otherwise, as vLLM does), ``FAKE_VLLM_SHM=1`` (map a
 /dev/shm file, logged as ``shm PATH``, removed on a clean exit). The log says ``fake vLLM:
-first request`` when the load begins. ``/metrics`` counts prefix
+first request`` when the load begins, and ``fake vLLM: cpus 0,1 bind 0-1 port N`` once it
+listens (its CPU affinity and ``VLLM_CPU_OMP_THREADS_BIND``). ``/metrics`` counts prefix
 cache queries and hits as vLLM does (off with ``--no-enable-prefix-caching``).
 """
 
@@ -95,6 +96,10 @@ async def _serve(args: argparse.Namespace) -> None:
     await web.TCPSite(runner, args.host, args.port).start()
     tokens = args.kv_cache_memory_bytes // 4096
     print(f"INFO fake vLLM version 0.32.0 serving {args.model} on port {args.port}", flush=True)
+    # Where it runs, for the tests of `vtune search --workers` (each worker its own CPUs).
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    bind = env.get("VLLM_CPU_OMP_THREADS_BIND", "-")
+    print(f"fake vLLM: cpus {cpus} bind {bind} port {args.port}", flush=True)
     print(
         f"INFO CPU KV cache size: {tokens:,} tokens, Maximum concurrency for 512 tokens per "
         f"request: {tokens / 512:.2f}x",

@@ -119,25 +119,38 @@ def test_search_resumes_after_kill_writes_profile_and_is_scraped(
     yaml_path = out / tiny_model_dir.name / "cpu.yaml"
     record = json.loads(yaml_path.with_suffix(".json").read_text())
     names = [t["name"] for t in record["trials"]]
-    # The model learns from the trials: a candidate its calibrated prediction rules out is
-    # pruned (rule "calibrated", with its reason), not launched; every other one is measured.
-    calibrated = [p["name"] for p in record["plan"]["pruned"] if p["rule"] == "calibrated"]
-    assert sorted(names + calibrated) == sorted(["vllm-defaults", "seqs4", "seqs16", "seqs64"])
-    assert "vllm-defaults" in names and "seqs64" in names and len(names) >= 3
-    assert record["calibration"]["points_used"] >= len(names)
+    # The model learns from the trials: a candidate the in-launch max_num_seqs screen or the
+    # calibrated prediction rules out is pruned (rule "screened" / "calibrated", with its
+    # reason), not launched; a launched one whose capacity probe cannot reach the incumbent
+    # stops early (state pruned, rule "early_stop"); every other one is measured in full.
+    ruled_out = {p["name"]: p for p in record["plan"]["pruned"]}
+    assert {p["rule"] for p in ruled_out.values()} <= {"calibrated", "screened"}
+    assert all(p["reason"] for p in ruled_out.values())
+    assert sorted(names + list(ruled_out)) == sorted(["vllm-defaults", "seqs4", "seqs16", "seqs64"])
+    assert "vllm-defaults" in names
+    assert record["calibration"]["points_used"] >= 1
     baseline = next(t for t in record["trials"] if t["name"] == "vllm-defaults")
     assert baseline["started_at"] == first_trial["started_at"]  # resumed, not repeated
     logs = list(out.glob("*/cpu.study/*/logs/[0-9]*-vllm-defaults.log"))  # finalists aside
     assert len(logs) == 1
     assert record["best"] in names and record["gain"]["baseline"] is not None
     for trial in record["trials"]:
-        assert trial["state"] == "complete", trial.get("failure")
         assert trial["server_info"]["kv_cache_size_tokens"] == 1048576
+        if trial["state"] == "pruned":
+            assert trial["failure"]["rule"] == "early_stop", trial["failure"]
+            assert len(trial["rate_search"]["points"]) == 1  # the capacity probe, no more
+            continue
+        assert trial["state"] == "complete", trial.get("failure")
         assert trial["best"]["p95_tpot_ms"] < 200 and trial["best"]["p95_ttft_ms"] < 2000
-    # Larger max_num_seqs measured higher throughput on this model (batching pays on CPU too).
-    objective = {t["name"]: t["objective"] for t in record["trials"]}
-    smallest = "seqs4" if "seqs4" in objective else "seqs16"
-    assert objective["seqs64"] > objective[smallest]
+    # The screen: one launch at the group's largest max_num_seqs, a closed loop per rung, and
+    # larger batches measured more throughput on this model (batching pays on CPU too).
+    screen = record["screen"]
+    assert screen["failure"] is None and screen["engine_time_s"] > 0
+    screened = {r["max_num_seqs"]: r["output_throughput"] for r in screen["results"]}
+    assert {4, 16, 64} <= set(screened)
+    assert screened[64] > screened[4]
+    assert set(screen["pruned"]) == {n for n, p in ruled_out.items() if p["rule"] == "screened"}
+    assert record["cost"]["output_tokens_per_s_per_gpu"] > 0
     assert not vllm_processes(before)
 
     # 3. A fresh vLLM loads the profile unchanged and answers.

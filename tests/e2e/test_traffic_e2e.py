@@ -57,6 +57,7 @@ def search(model: Path, out: Path, *extra: str) -> dict[str, Any]:
         "1",
         "--finalists",
         "0",
+        "--no-early-stop",  # both trials in full: their stored curves are what decide reads
         "--out",
         str(out),
         *extra,

@@ -10,9 +10,10 @@ run's of this host) and must leave it alone.
 
 Each case proves: both workers exit 0; every candidate is measured exactly once across the two
 (one COMPLETE trial holds its record in the study, one trial log exists across both ``--out``
-directories), the baseline included; both records hold every candidate, measured (a worker with
-nothing left to ask waits for what the other still measures instead of writing its profile
-from part of the study); no trial was failed as stale (both workers lived throughout: a stale
+directories), the baseline included; one worker writes the record and profile (the study's
+lease), the other says so, and the record holds every candidate, measured (a worker with
+nothing left to ask waits for what the other still measures instead of ending with part of the
+study); no trial was failed as stale (both workers lived throughout: a stale
 mark means one took the other's live trial for a dead one); nothing half-written; no process
 left behind. ``--objective goodput``: the calibrated pruning rule (throughput only) would leave
 candidates out depending on which worker measured what first.
@@ -139,7 +140,7 @@ def _study_trials(db: Path) -> list[Any]:
     import optuna
 
     url = f"sqlite:///{db}"
-    names = optuna.study.get_all_study_names(url)
+    names = [n for n in optuna.study.get_all_study_names(url) if not n.endswith("/profile-lease")]
     assert len(names) == 1, names  # one command, one study: both workers shared it
     return optuna.load_study(study_name=names[0], storage=url).get_trials(deepcopy=False)
 
@@ -177,9 +178,15 @@ def _check(searches: list[procs.Search], ended: list[sp.Ran], db: Path, note: st
     by_candidate = collections.Counter(name.split("-", 1)[1].removesuffix(".log") for name in logs)
     assert by_candidate == dict.fromkeys(CANDIDATES, 1), f"{logs}\n{context}"
 
-    # Each worker's record and profile: the whole study, every candidate measured, one pair.
-    for search in searches:
+    # One worker writes the record and profile (the lease in the study: tuner.search.lease),
+    # from the whole study, every candidate measured; the other says so and writes neither.
+    writers = [s for s in searches if (s.pdir / "cpu.json").exists()]
+    assert len(writers) == 1, context
+    for search, ran in zip(searches, ended, strict=True):
         sp.assert_nothing_half_written(search.out)
+        if search not in writers:
+            assert "profile written by another worker" in ran.stderr, context
+            continue
         record = sp.assert_pair_from_one_run(search.pdir)
         assert record is not None and (search.pdir / "cpu.yaml").exists(), context
         names = sorted(t["name"] for t in record["trials"])

@@ -82,7 +82,9 @@ class TruthRunner:
     def __init__(self, target: Target, truth: Efficiency) -> None:
         self.target, self.truth, self.measured = target, truth, []
 
-    def measure(self, number: int, planned: Planned, variant: Variant) -> TrialRecord:
+    def measure(
+        self, number: int, planned: Planned, variant: Variant, incumbent: float | None = None
+    ) -> TrialRecord:
         self.measured.append(planned.name)
         return measured(planned, number, self.target, self.truth)
 

@@ -42,8 +42,11 @@ OPTIONS = {
     "--endpoint --model --gpu --slo --objective --rate --budget --time-budget --param --space "
     "--variant "
     "--build-variants --max-quality-loss --calib --engine-arg --max-model-len "
-    "--kv-cache-memory-bytes --finalists --repeats --sampler --pareto --seconds-per-point "
-    "--iterations --storage --out --seed --dry-run --all --json --startup-timeout --vllm-python "
+    "--kv-cache-memory-bytes --finalists --repeats --early-stop-margin --no-early-stop "
+    "--sampler --screen --pareto --seconds-per-point "
+    "--iterations --storage --workers --devices --fleet-worker --out --gpu-hour-price --seed "
+    "--dry-run --all --json "
+    "--startup-timeout --vllm-python "
     "--dcgm-url --telemetry-period --metrics-port --metrics-host --pushgateway",
     "quantize": "--model --method --out --bits --group-size --calib --calib-seq-len "
     "--calib-blocks --gpu --json",

@@ -57,7 +57,12 @@ class ReversingRunner:
     """First runs and re-runs from FIGURES: the first runs rank seqs64 first, the re-measured
     means seqs256."""
 
-    def measure(self, number: int, planned: Planned, variant: Variant) -> TrialRecord:
+    def engine_settings(self, cand: object, variant: Variant) -> object:
+        return (variant.model, cand)  # what decides whether finalists share a launch
+
+    def measure(
+        self, number: int, planned: Planned, variant: Variant, incumbent: float | None = None
+    ) -> TrialRecord:
         seqs = planned.candidate.max_num_seqs or 128
         thr, tpot, _ = FIGURES[seqs]
         best = {"output_throughput": thr, "p95_tpot_ms": tpot, "request_throughput": thr / 100}

@@ -52,7 +52,12 @@ class FakeRunner:
     def value(self, seqs: int) -> float:
         return 1000.0 / seqs if self.objective == "latency" else 100.0 * seqs
 
-    def measure(self, number: int, planned: Planned, variant: Variant) -> TrialRecord:
+    def engine_settings(self, cand: object, variant: Variant) -> object:
+        return (variant.model, cand)  # what decides whether finalists share a launch
+
+    def measure(
+        self, number: int, planned: Planned, variant: Variant, incumbent: float | None = None
+    ) -> TrialRecord:
         cand = planned.candidate
         self.measured.append(planned.name)
         seqs = cand.max_num_seqs or 128

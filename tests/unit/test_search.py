@@ -7,16 +7,28 @@ import math
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tuner.engine import interrupt
+from tuner.engine.settings import EngineSettings
 from tuner.errors import EnvironmentFailedError, Interrupted
+from tuner.measure.ratesearch import EarlyStop
 from tuner.plan.prune import Planned, Target, Variant, plan
-from tuner.plan.space import Space
+from tuner.plan.space import Candidate, Space
 from tuner.search import runner as runner_mod
-from tuner.search.record import STATE_COMPLETE, STATE_FAILED, Finalist, TrialRecord
+from tuner.search.record import (
+    RULE_EARLY_STOP,
+    STATE_COMPLETE,
+    STATE_FAILED,
+    STATE_PRUNED,
+    Finalist,
+    FinalistSample,
+    TrialRecord,
+)
 from tuner.search.runner import Search, SearchSettings, TrialStore, make_sampler, queue_all
+from tuner.search.stats import mean_ci, mean_interval
 from tuner.search.study import finished_records, open_study, storage_url
 from tuner.specs.gpu import get_gpu
 from tuner.specs.model import load_model
@@ -25,7 +37,11 @@ from tuner.specs.model import load_model
 class FakeRunner:
     """Objective = 100 x max_num_seqs (vLLM default 128 for the baseline); optional failures
     (``fail``: the candidate's OOM; ``env``: the environment's, a start-up timeout) and an
-    optional interrupt after N trials (like Ctrl-C)."""
+    optional interrupt after N trials (like Ctrl-C). ``early``: stop a trial whose capacity
+    (its objective) cannot reach the incumbent, by the trial runner's rule (EarlyStop).
+    Finalists: ``zero`` re-run at 0 (missed the SLO a step down too), ``step`` held only a step
+    down (90 %); ``same``: these max_num_seqs have equal settings (one launch); every launch
+    takes 100 s of ``now``."""
 
     def __init__(
         self,
@@ -33,18 +49,46 @@ class FakeRunner:
         interrupt_after: int | None = None,
         noise: float = 0.0,
         env: set[int] = frozenset(),
+        early: bool = False,
+        zero: set[int] = frozenset(),
+        step: set[int] = frozenset(),
+        same: set[int] = frozenset(),
     ) -> None:
         self.fail, self.interrupt_after, self.noise = fail, interrupt_after, noise
-        self.env = env
+        self.env, self.early, self.zero, self.step, self.same = env, early, zero, step, same
         self.measured: list[str] = []
         self.remeasured: list[str] = []
+        self.groups: list[list[str]] = []
+        self.incumbents: list[float | None] = []
+        self.now = 0.0
 
-    def measure(self, number: int, planned: Planned, variant: Variant) -> TrialRecord:
+    def engine_settings(self, cand: Candidate, variant: Variant) -> EngineSettings:
+        seqs = cand.max_num_seqs or 128
+        values = {"max_num_seqs": 999} if seqs in self.same else cand.knobs()
+        return EngineSettings.from_mapping(variant.model, values)
+
+    def measure(
+        self, number: int, planned: Planned, variant: Variant, incumbent: float | None = None
+    ) -> TrialRecord:
         if self.interrupt_after is not None and len(self.measured) >= self.interrupt_after:
             raise KeyboardInterrupt
         cand = planned.candidate
         self.measured.append(planned.name)
+        self.incumbents.append(incumbent)
         seqs = cand.max_num_seqs or 128
+        probe = SimpleNamespace(output_throughput=100.0 * seqs, request_throughput=seqs / 10)
+        rule = EarlyStop(incumbent) if incumbent is not None else None
+        if self.early and rule is not None and rule.stops(probe):
+            point = {"load": {"rate": None}, "summary": {"output_throughput": 100.0 * seqs}}
+            return TrialRecord(
+                planned.name,
+                cand.knobs(),
+                STATE_PRUNED,
+                number=number,
+                rate_search={"best_index": None, "points": [point], "stopped_early": True},
+                failure={"rule": RULE_EARLY_STOP, "reason": rule.reason(probe)},
+                engine_time_s=5.0,
+            )
         if seqs in self.env:
             return TrialRecord(
                 planned.name,
@@ -75,9 +119,28 @@ class FakeRunner:
             best={"output_throughput": value, "p95_tpot_ms": seqs / 10},
         )
 
-    def remeasure(self, record: TrialRecord, variant: Variant, repeats: int) -> list[float]:
+    def remeasure(
+        self, record: TrialRecord, variant: Variant, repeats: int
+    ) -> list[float | FinalistSample]:
         self.remeasured.append(record.name)
-        return [(record.objective or 0) * (1 + self.noise * (i + 1)) for i in range(repeats)]
+        self.now += 100.0
+        return self._samples(record, repeats)
+
+    def remeasure_group(
+        self, records: list[TrialRecord], variant: Variant, repeats: int
+    ) -> dict[str, list[float | FinalistSample]]:
+        self.groups.append([r.name for r in records])
+        self.now += 100.0
+        return {r.name: self._samples(r, repeats) for r in records}
+
+    def _samples(self, record: TrialRecord, repeats: int) -> list[float | FinalistSample]:
+        seqs = record.knobs.get("max_num_seqs") or 128
+        value = record.objective or 0.0
+        if seqs in self.zero:
+            return [FinalistSample(0.0, 2.7, None, step_down=True)] * repeats
+        if seqs in self.step:
+            return [FinalistSample(0.9 * value, 2.7, None, step_down=True)] * repeats
+        return [value * (1 + self.noise * (i + 1)) for i in range(repeats)]
 
 
 def make(
@@ -253,7 +316,9 @@ class SignalledRunner(FakeRunner):
     """Gets SIGTERM while its load runs in an event loop (where the handler cannot raise), then
     returns a complete-looking record: what the trial saw of a cut-short rate search."""
 
-    def measure(self, number: int, planned: Planned, variant: Variant) -> TrialRecord:
+    def measure(
+        self, number: int, planned: Planned, variant: Variant, incumbent: float | None = None
+    ) -> TrialRecord:
         if len(self.measured) == 1:
 
             async def load() -> None:
@@ -261,7 +326,7 @@ class SignalledRunner(FakeRunner):
                 await asyncio.sleep(0.1)
 
             asyncio.run(load())
-        return super().measure(number, planned, variant)
+        return super().measure(number, planned, variant, incumbent)
 
 
 def test_a_trial_under_a_stop_request_is_not_a_result(tmp_path: Path) -> None:
@@ -320,3 +385,129 @@ def test_null_samples_read_back_as_the_worst_value(tmp_path: Path) -> None:
     finalist = Finalist.from_json({"name": "seqs8", "samples": [12.5, None]}, "latency")
     assert finalist.samples == (12.5, math.inf) and finalist.mean == math.inf
     assert Finalist.from_json({"name": "a", "samples": [3.0, None]}).samples == (3.0, 0.0)
+
+
+# --- early stop, finalists a step down, one launch for equal settings ---------------------------
+
+
+def test_a_trial_that_cannot_reach_the_incumbent_stops_early_and_is_finished(
+    tmp_path: Path,
+) -> None:
+    runner = FakeRunner(early=True)
+    settings = SearchSettings(finalists=3, repeats=1)
+    search = make(tmp_path, (115, 120, 8), settings, runner)
+    result = search.run()
+    stopped = result.records["seqs8"]
+    # 800 tok/s x 1.15 cannot reach the baseline's 12,800; seqs115's 11,500 x 1.15 can.
+    assert stopped.state == STATE_PRUNED and stopped.stopped_early
+    assert stopped.failure == {
+        "rule": "early_stop",
+        "reason": "stopped early: capacity 800 tok/s cannot reach the incumbent's 12,800 "
+        "tok/s (margin 15%)",
+    }
+    assert stopped.engine_time_s == 5.0 and len(stopped.points) == 1  # the probe, kept
+    assert result.records["seqs115"].state == STATE_COMPLETE
+    assert runner.incumbents[0] is None and max(i or 0 for i in runner.incumbents) == 12800.0
+    assert "seqs8" not in runner.remeasured and "seqs8" not in [f.name for f in result.finalists]
+    assert result.best is not None and result.best.name == "vllm-defaults"
+    # In the study: PRUNED with the probe as its step-0 value, and finished (not re-run).
+    (trial,) = [t for t in search.study.trials if t.user_attrs.get("candidate") == "seqs8"]
+    assert trial.state.name == "PRUNED" and trial.intermediate_values == {0: 800.0}
+    assert "seqs8" in finished_records(search.study)
+    again = FakeRunner(early=True)
+    make(tmp_path, (115, 120, 8), settings, again).run()
+    assert again.measured == [] and again.remeasured == []
+    (tmp_path / "study.db").unlink()  # the trial files alone keep it finished too
+    fresh = FakeRunner(early=True)
+    make(tmp_path, (115, 120, 8), settings, fresh).run()
+    assert fresh.measured == []
+
+
+def test_vllm_defaults_never_stop_early(tmp_path: Path) -> None:
+    # Another worker measured a far better candidate first: the baseline runs to the end anyway.
+    better = TrialRecord("seqs64", {"max_num_seqs": 64}, STATE_COMPLETE, objective=1e6)
+    TrialStore(tmp_path / "store").save(better)
+    runner = FakeRunner(early=True)
+    result = make(tmp_path, (8, 64), SearchSettings(repeats=0), runner).run()
+    assert runner.measured == ["vllm-defaults", "seqs8"] and runner.incumbents == [None, 1e6]
+    assert result.records["vllm-defaults"].state == STATE_COMPLETE
+    assert result.records["seqs8"].stopped_early
+
+
+def test_a_trial_stopped_early_counts_in_the_budget(tmp_path: Path) -> None:
+    runner = FakeRunner(early=True)
+    settings = SearchSettings(budget=3, sampler="tpe", repeats=0)
+    result = make(tmp_path, (1, 2, 4, 8, 16, 32, 64), settings, runner).run()
+    assert len(runner.measured) == 3
+    assert any(r.stopped_early for r in result.records.values())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SearchSettings(finalists=3, repeats=0, early_stop_margin=None),
+        SearchSettings(finalists=3, repeats=0, objective="latency"),
+    ],
+    ids=["off", "latency"],
+)
+def test_no_incumbent_is_given_when_trials_may_not_stop_early(
+    tmp_path: Path, settings: SearchSettings
+) -> None:
+    runner = FakeRunner(early=True)
+    result = make(tmp_path, (100, 8), settings, runner).run()
+    assert runner.incumbents == [None, None, None]
+    assert not any(r.stopped_early for r in result.records.values())
+    assert not SearchSettings(pareto=True).early_stop  # a slower trial may be on the front
+    assert SearchSettings(objective="goodput").early_stop
+
+
+def test_a_finalist_rerun_that_held_a_step_down_takes_that_value(tmp_path: Path) -> None:
+    runner = FakeRunner(step={150}, zero={140})
+    settings = SearchSettings(finalists=3, repeats=2)
+    search = make(tmp_path, (140, 150, 160), settings, runner)
+    result = search.run()
+    by_name = {f.name: f for f in result.finalists}
+    held = by_name["seqs150"]
+    assert held.samples == (15000.0, 13500.0, 13500.0)
+    assert [r.step_down for r in held.runs] == [False, True, True]
+    assert [r.rate for r in held.runs][1:] == [2.7, 2.7]
+    # Two re-runs at 0 (a step down failed too): the interval never goes below zero.
+    zero = by_name["seqs140"]
+    assert zero.samples == (14000.0, 0.0, 0.0) and zero.ci_low == 0.0
+    assert zero.ci_high > zero.mean
+    # The runs are saved with the samples: a rerun reads them back, measuring nothing.
+    again = FakeRunner(step={150}, zero={140})
+    result = make(tmp_path, (140, 150, 160), settings, again).run()
+    assert again.remeasured == [] and again.groups == []
+    assert {f.name: f.runs for f in result.finalists} == {f.name: f.runs for f in by_name.values()}
+
+
+def test_finalists_with_equal_settings_share_one_launch(tmp_path: Path) -> None:
+    runner = FakeRunner(same={150, 160}, noise=0.01)
+    settings = SearchSettings(finalists=3, repeats=2)
+    search = make(tmp_path, (140, 150, 160), settings, runner)
+    search.clock = lambda: runner.now
+    result = search.run()
+    assert runner.groups == [["seqs160", "seqs150"]]
+    assert runner.remeasured == ["seqs140", "vllm-defaults"]
+    assert all(len(f.samples) == 3 for f in result.finalists)
+    assert result.finalist_engine_time_s == 300.0  # three launches, the shared one counted once
+    names = ("seqs150", "seqs160", "seqs140")
+    saved = {n: search.store.load_samples(n) for n in names}
+    seconds = {n: s[1] for n, s in saved.items() if s}
+    assert seconds == dict(zip(names, (50.0, 50.0, 100.0), strict=True))
+
+
+def test_the_interval_of_a_finalist_never_goes_below_zero_and_its_runs_read_back() -> None:
+    # The demo's finalist: one re-run missed the SLO at saturation (before the step down).
+    demo = Finalist.of("x", [4413.0, 0.0, 4352.0])
+    mean, half = mean_ci([4413.0, 0.0, 4352.0])
+    assert mean - half < 0 and demo.ci_low == 0.0 and demo.ci_high == mean + half
+    assert mean_interval([100.0, 102.0])[1] > 0  # a tight interval is not clipped
+    assert mean_interval([5.0])[1:] == (0.0, math.inf)
+    runs = (FinalistSample(4413.0, None, 8), FinalistSample(3900.0, None, 7, step_down=True))
+    finalist = Finalist.of("x", [4413.0, 3900.0], runs)
+    data = finalist.to_json()
+    assert data["runs"][1] == {"value": 3900.0, "rate": None, "concurrency": 7, "step_down": True}
+    assert Finalist.from_json(data) == finalist
+    assert Finalist.from_json({**data, "runs": None}).runs == ()  # a record from before runs

@@ -11,6 +11,7 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,15 +21,24 @@ import tuner.engine.server
 from tests.fake_vllm import FakeVllm, fake_vllm
 from tests.fakes import Behaviour
 from tuner.engine.server import LaunchConfig
-from tuner.engine.settings import is_secret, redact_settings
+from tuner.engine.settings import EngineSettings, is_secret, redact_settings
 from tuner.load.workload import LengthRange, WorkloadSpec
-from tuner.measure.ratesearch import RateSearchConfig
+from tuner.measure.ratesearch import (
+    LoadPoint,
+    RatePoint,
+    RateSearchConfig,
+    RateSearchResult,
+    objective_value,
+)
 from tuner.measure.slo import Slo, parse_slo
 from tuner.plan.prune import Planned, Variant
 from tuner.plan.space import Candidate
-from tuner.search.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
+from tuner.search.finalist_runs import launch_key, repeat_rounds
+from tuner.search.record import STATE_COMPLETE, STATE_FAILED, STATE_PRUNED, TrialRecord
 from tuner.search.trial import REQUESTS_FAILED, TrialSetup, VllmTrialRunner
+from tuner.specs.gpu import get_gpu
 from tuner.specs.model import load_model
+from tuner.specs.vllm_defaults import vllm_defaults
 
 # TTFT >= 10 ms, so an SLO of 1 ms fails at saturation and the search goes on to a low rate;
 # 20 tokens x 20 ms: each request takes about 0.4 s.
@@ -250,10 +260,10 @@ def test_secret_settings_are_known_by_name() -> None:
 # --- a finalist's re-measure --------------------------------------------------------------------
 
 
-def _finalist(rate: float, num_requests: int) -> TrialRecord:
+def _finalist(rate: float, num_requests: int, name: str = "seqs4") -> TrialRecord:
     load = {"rate": rate, "concurrency": None, "num_requests": num_requests, "duration_s": None}
     return TrialRecord(
-        "seqs4",
+        name,
         {"max_num_seqs": 4},
         STATE_COMPLETE,
         objective=1.0,
@@ -268,7 +278,8 @@ def test_a_remeasure_runs_on_uvloop_and_stops_the_server(
     loops = _spy_loops(monkeypatch, "_repeat")
     runner = _runner(tiny_model_dir, tmp_path, slo=None)
     values = runner.remeasure(_finalist(50.0, 4), _variant(tiny_model_dir), 2)
-    assert len(values) == 2 and all(v > 0 and math.isfinite(v) for v in values)
+    assert len(values) == 2 and all(v.value > 0 and math.isfinite(v.value) for v in values)
+    assert all(v.rate == 50.0 and not v.step_down for v in values)  # no SLO: never a miss
     assert loops == [uvloop.Loop]
     (server,) = cls.instances
     assert server.stopped and server.log_path == tmp_path / "finalist-seqs4.log"
@@ -281,7 +292,7 @@ def test_a_crash_during_a_remeasure_counts_as_zero_at_once(
     runner = _runner(tiny_model_dir, tmp_path, slo=None)
     t0 = time.monotonic()
     values = runner.remeasure(_finalist(5.0, LONG), _variant(tiny_model_dir), 3)  # 40 s of load
-    assert values == [0.0, 0.0, 0.0]
+    assert [v.value for v in values] == [0.0, 0.0, 0.0]
     assert time.monotonic() - t0 < 3.0
     (server,) = cls.instances
     assert server.stopped and server.stopped_at is not None and server.died_at is not None
@@ -295,7 +306,8 @@ def test_a_failed_relaunch_counts_as_zero_and_a_load_error_propagates(
 
     _fake(monkeypatch, start_failure=EngineFailure(FailureClass.OOM, "CUDA out of memory"))
     runner = _runner(tiny_model_dir, tmp_path, slo=None)
-    assert runner.remeasure(_finalist(5.0, 4), _variant(tiny_model_dir), 2) == [0.0, 0.0]
+    values = runner.remeasure(_finalist(5.0, 4), _variant(tiny_model_dir), 2)
+    assert [(v.value, v.rate) for v in values] == [(0.0, 5.0), (0.0, 5.0)]
 
     cls = _fake(monkeypatch)
 
@@ -307,3 +319,114 @@ def test_a_failed_relaunch_counts_as_zero_and_a_load_error_propagates(
         runner.remeasure(_finalist(5.0, 4), _variant(tiny_model_dir), 2)
     (server,) = cls.instances
     assert server.stopped
+
+
+def test_equal_settings_are_remeasured_in_one_launch_in_turn(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cls = _fake(monkeypatch)
+    seen: list[tuple[str, float | None]] = []
+
+    class Points:
+        def on_point(self, name: str, point: dict[str, Any]) -> None:
+            seen.append((name, point["load"]["rate"]))
+
+    runner = _runner(tiny_model_dir, tmp_path, slo=None)
+    runner.observer = Points()
+    records = [_finalist(50.0, 4, "vllm-defaults"), _finalist(40.0, 4, "seqs4")]
+    samples = runner.remeasure_group(records, _variant(tiny_model_dir), 2)
+    (server,) = cls.instances  # one launch for both
+    assert server.stopped and server.log_path == tmp_path / "finalist-vllm-defaults+seqs4.log"
+    assert seen == [("vllm-defaults", 50.0), ("seqs4", 40.0)] * 2  # in turn, each repeat
+    assert [s.rate for s in samples["vllm-defaults"]] == [50.0, 50.0]
+    assert [s.rate for s in samples["seqs4"]] == [40.0, 40.0]
+    assert all(s.value > 0 for v in samples.values() for s in v)
+
+
+def test_a_rerun_that_misses_the_slo_is_measured_again_a_step_down(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake(monkeypatch)
+    runner = _runner(tiny_model_dir, tmp_path, slo=parse_slo("ttft<1ms"))  # never met
+    runner.setup = replace(runner.setup, rate=replace(runner.setup.rate, min_requests=4))
+    values = runner.remeasure(_finalist(50.0, 4), _variant(tiny_model_dir), 1)
+    assert [(v.value, v.step_down) for v in values] == [(0.0, True)]
+    assert values[0].rate == pytest.approx(45.0)  # one step (the tolerance, 10 %) down
+
+
+def test_a_trial_whose_probe_cannot_reach_the_incumbent_stops_after_it(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cls = _fake(monkeypatch)
+    runner = _runner(tiny_model_dir, tmp_path, slo=parse_slo("ttft<1ms"))  # a bisection follows
+    record = runner.measure(4, _planned(), _variant(tiny_model_dir), incumbent=1e9)
+    assert record.state == STATE_PRUNED and record.stopped_early and record.objective is None
+    assert record.failure is not None and record.failure["rule"] == "early_stop"
+    assert record.failure["reason"].startswith("stopped early: capacity ")
+    assert record.failure["reason"].endswith(
+        " tok/s cannot reach the incumbent's 1,000,000,000 tok/s (margin 15%)"
+    )
+    assert record.rate_search is not None and record.rate_search["stopped_early"] is True
+    assert len(record.rate_search["points"]) == 1 and record.engine_time_s > 0
+    assert record.log_path == str(tmp_path / "004-seqs4.log")
+    (server,) = cls.instances
+    assert server.stopped
+    # The latency objective never stops early: its one point is the answer.
+    runner.setup = replace(runner.setup, objective="latency", latency_rate=50.0)
+    assert runner._early_stop(1e9) is None
+
+
+# --- the re-run rounds and launch sharing, without a server ---------------------------------------
+
+
+class _Ttft:
+    """TTFT 0.1 / (1 - rate / 10): the SLO (TTFT < 0.5 s) holds below 8 req/s."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, int, int]] = []
+
+    async def __call__(self, name: str, load: LoadPoint, warmup: int, offset: int) -> RatePoint:
+        self.calls.append((name, load.rate, warmup, offset))
+        ttft = 0.1 / (1 - min(load.rate / 10, 0.999))
+        summary = SimpleNamespace(
+            request_throughput=load.rate, output_throughput=100 * load.rate, completed=10
+        )
+        return RatePoint(load, summary, ttft < 0.5)
+
+
+def _value(result: RateSearchResult) -> float:
+    return objective_value(result, "throughput")
+
+
+async def test_rounds_take_the_step_down_value_when_the_chosen_rate_misses() -> None:
+    measure = _Ttft()
+    loads = {"a": LoadPoint(8.5, None, 85), "b": LoadPoint(5.0, None, 50)}
+    cfg = RateSearchConfig(concurrency=4)
+    samples = await repeat_rounds(measure, loads, 2, cfg, _value, warmup=4)
+    a, b = samples["a"], samples["b"]
+    assert [s.step_down for s in a] == [True, True] and [s.step_down for s in b] == [False] * 2
+    assert [s.value for s in a] == [pytest.approx(765.0)] * 2  # 7.65 req/s x 100 tokens
+    assert [s.rate for s in a] == [pytest.approx(7.65)] * 2 and [s.value for s in b] == [500.0] * 2
+    names = [c[0] for c in measure.calls]
+    assert names == ["a", "a", "b", "a", "a", "b"]  # in turn; a miss and its step down together
+    assert [c[2] for c in measure.calls] == [4, 0, 0, 0, 0, 0]  # the warm-up once
+    offsets = [c[3] for c in measure.calls]
+    assert offsets == sorted(set(offsets)) and offsets[1] == 85 + 4
+    # Without the step (the latency objective), a miss is measured once.
+    once = await repeat_rounds(_Ttft(), {"a": loads["a"]}, 1, cfg, _value, step=False)
+    assert [(s.value, s.step_down) for s in once["a"]] == [(0.0, False)]
+
+
+def test_vllm_defaults_and_a_knob_at_its_default_share_a_launch() -> None:
+    gpu = get_gpu("cpu")
+    tokens, seqs = vllm_defaults().batch_limits(gpu)
+    base = EngineSettings("m", kv_cache_memory_bytes=1 << 30)
+    same = EngineSettings("m", max_num_seqs=seqs, kv_cache_memory_bytes=1 << 30)
+    assert launch_key(base, gpu) == launch_key(same, gpu)
+    other = EngineSettings("m", max_num_seqs=seqs // 2, kv_cache_memory_bytes=1 << 30)
+    assert launch_key(base, gpu) != launch_key(other, gpu)
+    assert launch_key(EngineSettings("q", max_num_seqs=seqs), gpu) != launch_key(same, gpu)
+    # Chunked prefill off: vLLM's token budget follows max_model_len, not the table's default.
+    off = EngineSettings("m", enable_chunked_prefill=False)
+    assert launch_key(off, gpu).max_num_batched_tokens is None
+    assert launch_key(base, gpu).max_num_batched_tokens == tokens

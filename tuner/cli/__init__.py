@@ -13,6 +13,7 @@ import click
 from tuner.cli.common import VtuneGroup, fail
 from tuner.engine import interrupt
 from tuner.errors import Interrupted, VtuneError
+from tuner.search.lease import ProfileElsewhere
 
 COMMANDS = {
     "estimate": "tuner.cli.estimate:estimate",
@@ -27,6 +28,7 @@ COMMANDS = {
     "workload": "tuner.cli.workload:workload",
     "decide": "tuner.cli.decide:decide",
     "plan": "tuner.cli.plan:plan",
+    "worker": "tuner.cli.worker:worker",
 }
 
 
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + stop.signum)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except ProfileElsewhere as done:  # a worker of a shared study that does not write: no error
+        click.echo(f"vtune: {done}", err=True)
+        sys.exit(0)
     except click.Abort:
         click.echo("vtune: interrupted", err=True)
         sys.exit(130)

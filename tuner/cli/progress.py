@@ -39,6 +39,8 @@ class SearchProgress:
 
     def on_phase(self, phase: str, detail: str = "") -> None:
         self.progress.update(self.task, description=phase, status=detail[:60])
+        if phase == "screen" and detail:  # what the screen launches and finds stays on screen
+            self.console.print(f"  screen: {detail}", highlight=False)
 
     def on_trial_start(self, number: int, name: str, knobs: dict[str, Any]) -> None:
         self.progress.update(self.task, status=f"#{number} {name}: starting vLLM")
@@ -54,7 +56,7 @@ class SearchProgress:
     def on_trial_end(self, trial: TrialRecord) -> None:
         self.progress.advance(self.task)
         value = num(trial.objective)  # as the final table writes it: 13,856, not 1.386e+04
-        failure = (trial.failure or {}).get("class")
+        failure = (trial.failure or {}).get("class") or (trial.failure or {}).get("rule")
         self.console.print(
             f"  trial {trial.number} {trial.name}: {trial.state}"
             f"{' (' + failure + ')' if failure else ''}, objective {value}",

@@ -44,7 +44,15 @@ def _key_value(
     return tuple(out)
 
 
-@click.command()
+class _SearchCommand(click.Command):
+    """Keeps the arguments as given: the workers of ``--workers N`` re-run them."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["vtune_search_args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+@click.command(cls=_SearchCommand)
 @workload_options
 @model_option("HF id, local directory or bundled card.")
 @gpu_option("GPU from the registry, or cpu.", required=True)
@@ -117,10 +125,27 @@ def _key_value(
     help="Re-runs of each finalist (0: no noise check).",
 )
 @click.option(
+    "--early-stop-margin",
+    type=float,
+    default=0.15,
+    show_default=True,
+    callback=non_negative,
+    help="Stop a trial after its capacity probe when the probe, raised by this fraction "
+    "(the noise), cannot reach the best objective so far.",
+)
+@click.option("--no-early-stop", is_flag=True, help="Run every trial's rate search to the end.")
+@click.option(
     "--sampler",
     type=click.Choice(["auto", "grid", "tpe", "nsga2"]),
     default="auto",
     show_default=True,
+)
+@click.option(
+    "--screen/--no-screen",
+    default=None,
+    help="Screen max_num_seqs inside one launch (a client-side cap on requests in flight) "
+    "right after the baseline, prune the losers, launch only the promising ones "
+    "(default: on unless the search is a grid).",
 )
 @click.option("--pareto", is_flag=True, help="Also optimise p95 TPOT (throughput vs latency).")
 @click.option(
@@ -142,13 +167,36 @@ def _key_value(
 @click.option(
     "--storage",
     default=None,
-    help="Optuna storage URL or SQLite path (default: SQLite beside the profile).",
+    help="Optuna storage URL or SQLite path (default: SQLite beside the profile; with "
+    "--workers N: a journal file, or PATH.journal).",
 )
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    callback=positive_int,
+    help="Workers on one study, each on its own devices (default 1; with --devices: one per "
+    "device group).",
+)
+@click.option(
+    "--devices",
+    default=None,
+    metavar="IDS",
+    help="GPUs (or CPUs with --gpu cpu) the workers split, e.g. 0,1,2,3 (default: all).",
+)
+@click.option("--fleet-worker", default=None, hidden=True)  # a child of --workers N
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=None,
     help="Profiles root (default ./profiles).",
+)
+@click.option(
+    "--gpu-hour-price",
+    type=float,
+    default=None,
+    callback=positive_float,
+    help="USD per GPU-hour (e.g. 4.10): the record and the profile add $/1M output tokens.",
 )
 @seed_option()
 @click.option("--dry-run", is_flag=True, help="Print the plan; launch nothing.")
@@ -173,19 +221,29 @@ def search(**o: Any) -> None:
     from tuner.cli.console import print_plan
     from tuner.cli.plan_screen import plan_json
     from tuner.errors import ParameterError
+    from tuner.search import fleet, fleet_run
     from tuner.search.prepare import prepare
 
     if o["as_json"] and not o["dry_run"]:
         raise ParameterError("--json prints the plan of a --dry-run; add --dry-run")
     prep = prepare(_config(o))
+    workers = fleet.plan_for(prep, o["workers"], o["devices"])
+    if o["fleet_worker"]:  # one of the workers of `--workers N`: trials only, no screen
+        fleet_run.run_worker(prep, workers, o["fleet_worker"], click.echo)
+        return
     for line in prep.warnings:
         click.echo(f"vtune: warning: {line}", err=True)
     if o["as_json"]:
         click.echo(json.dumps(plan_json(prep), indent=2, default=str))
         return
     print_plan(prep, verbose=o["show_all"])
+    for line in fleet.describe(prep, workers) if workers is not None else ():
+        click.echo(line)
     if o["dry_run"]:
         return
+    if workers is not None:  # pinned here, or the workers run; then the finalists, the profile
+        args = click.get_current_context().meta["vtune_search_args"]
+        prep = fleet_run.run_workers(prep, workers, args, click.echo)
     _run(prep, o)
 
 
@@ -223,6 +281,10 @@ def _run(prep: Any, o: dict[str, Any]) -> None:
             stop.hint = RESUME_HINT
             raise
     print_search_result(outcome)
+    if outcome.yaml_path is not None and outcome.record.cost is not None:
+        from tuner.search.cost import cost_line
+
+        click.echo(cost_line(outcome.record.cost))
     ensure_feasible(outcome)
 
 
@@ -243,9 +305,11 @@ def _config(o: dict[str, Any]) -> Any:
         time_budget_s=o["time_budget"],
         finalists=o["finalists"],
         repeats=o["repeats"],
+        early_stop_margin=None if o["no_early_stop"] else o["early_stop_margin"],
         sampler=o["sampler"],
         pareto=o["pareto"],
         seed=o["seed"],
+        screen=o["screen"],
     )
     workload = workload_spec(o)
     launch_kwargs: dict[str, Any] = {"startup_timeout_s": o["startup_timeout"]}
@@ -274,4 +338,5 @@ def _config(o: dict[str, Any]) -> Any:
         latency_rate=o["latency_rate"],
         launch=LaunchConfig(**launch_kwargs),
         telemetry=telemetry_config(o),
+        gpu_hour_price=o["gpu_hour_price"],
     )

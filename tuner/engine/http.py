@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -49,8 +51,27 @@ class ServerInfo:
         return out
 
 
+# "FIRST-LAST": the ports this process's vLLM servers take, in turn (each worker of
+# ``vtune search --workers`` gets its own range: no two workers ever pick the same port).
+PORT_RANGE_ENV = "VTUNE_PORT_RANGE"
+_turn = itertools.count()
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the OS's choice); may be taken before vLLM binds."""
+    """A port nobody listens on right now (the OS's choice); may be taken before vLLM binds.
+    With ``VTUNE_PORT_RANGE=FIRST-LAST`` in the environment: the next free port of that range,
+    in turn (a port just given up is tried last); EngineError when none of it is free."""
+    span = os.environ.get(PORT_RANGE_ENV, "").strip()
+    if span:
+        first, _, last = span.partition("-")
+        if not (first.isdigit() and last.isdigit() and 0 < int(first) <= int(last) < 65536):
+            raise EngineError(f"{PORT_RANGE_ENV}={span!r}: expected FIRST-LAST, e.g. 28000-28099")
+        size = int(last) - int(first) + 1
+        for _ in range(size):
+            port = int(first) + next(_turn) % size
+            if port_free(host, port):
+                return port
+        raise EngineError(f"no free port in {PORT_RANGE_ENV}={span} on {host}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -11,11 +11,13 @@ measurements, never from the analytic model:
   re-run that missed the SLO leaves no safe rate at all;
 * otherwise the requests/s the trial completed at its SLO-meeting point (one run).
 
-Then ``replicas = ceil(target / rate)``, ``GPUs = replicas x tensor_parallel_size``, and at the
-target load ``$/1M output tokens = GPUs x price x 1e6 / (target x output tokens per request x
-3600)``. More than one replica is an extrapolation (replicas are assumed to add up linearly),
-and the row says so. Rows come cheapest first (fewest GPUs; a higher per-replica rate breaks
-ties).
+Then ``replicas = ceil(target / rate)``, ``GPUs = replicas x GPUs per replica``
+(tensor_parallel_size x pipeline_parallel_size), and at the target load ``$/1M output tokens =
+GPUs x price x 1e6 / (target x output tokens per request x 3600)`` — the arithmetic of
+:mod:`tuner.analytic.cost`, which the search record's cost block uses too. More than one
+replica is an extrapolation (replicas are assumed to add up linearly), and the row says so.
+Rows come cheapest first (fewest GPUs; a higher per-replica rate breaks ties). On cpu a
+replica counts as one "GPU".
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tuner.analytic import cost as formulas
 from tuner.errors import ParameterError
 from tuner.search.record import STATE_COMPLETE, SearchRecord, TrialRecord, finite
-
-SECONDS_PER_HOUR = 3600.0
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,11 @@ class CapacityRow:
 
 
 def gpus_per_replica(record: SearchRecord, trial: TrialRecord) -> int:
-    """tensor_parallel_size of the trial (its knob, else the search's fixed setting), else 1."""
-    tp = trial.knobs.get("tensor_parallel_size") or record.fixed_settings.get(
-        "tensor_parallel_size"
+    """GPUs one replica of the trial spans (:func:`tuner.analytic.cost.gpus_per_replica`:
+    tensor x pipeline parallel size, its knobs else the search's fixed settings; 1 on cpu)."""
+    return formulas.gpus_per_replica(
+        trial.knobs, record.fixed_settings, on_cpu=record.gpu.name == "cpu"
     )
-    return int(tp) if isinstance(tp, int) and not isinstance(tp, bool) and tp > 0 else 1
 
 
 def chosen_slo_point(record: SearchRecord, trial: TrialRecord) -> dict[str, Any] | None:
@@ -142,15 +143,16 @@ def _row(
     price: float | None,
 ) -> CapacityRow:
     tp = gpus_per_replica(record, trial)
-    measured_tps = (finite((point.get("summary") or {}).get("output_throughput")) or 0.0) / tp
+    output = finite((point.get("summary") or {}).get("output_throughput")) or 0.0
+    measured_tps = formulas.per_gpu(output, tp)
     replicas = gpus = tps = cost = per_million = None
     if safe is not None:
         replicas = max(1, math.ceil(target / safe - 1e-9))
         gpus = replicas * tp
-        tps = target * per_request / gpus
+        tps = formulas.per_gpu(target * per_request, gpus)
         if price is not None:
-            cost = gpus * price
-            per_million = cost * 1e6 / (target * per_request * SECONDS_PER_HOUR)
+            cost = formulas.hourly_cost(gpus, price)
+            per_million = formulas.usd_per_million_tokens(gpus, price, target * per_request)
     extrapolated = replicas is not None and replicas > 1
     if extrapolated:
         note = f"{replicas} x one measured replica (linear scaling assumed)"

@@ -28,7 +28,7 @@ margin are there so that such a guess never prunes on its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,8 @@ class OnlineCalibration:
         self._seen: frozenset[tuple[str, str]] = frozenset()
         self._models: dict[str, StepModel | None] = {}
         self._predicted: dict[str, float | None] = {}  # by candidate, for the current fit
+        # What orders the untried instead of the prediction (a screen's measured figures).
+        self.ranking: Callable[[list[Planned]], list[Planned]] | None = None
 
     def refit(self, records: Iterable[TrialRecord]) -> Calibration:
         """Fit to every point of ``records`` (cached while the finished set is the same),
@@ -215,8 +217,11 @@ class OnlineCalibration:
         return replace(record, estimate={**record.estimate, **extra})
 
     def order(self, untried: Iterable[Planned]) -> list[Planned]:
-        """Best calibrated prediction first (the plan's order breaks ties)."""
+        """Best calibrated prediction first (the plan's order breaks ties); ``ranking``'s
+        order instead when one is set (:meth:`tuner.search.screen.Screen.order`)."""
         ranked = list(untried)
+        if self.ranking is not None:
+            return self.ranking(ranked)
         keys = {p.name: self.predict(p) for p in ranked}
         return sorted(ranked, key=lambda p: -(keys[p.name] or p.predicted_tokens_per_s))
 
@@ -285,7 +290,12 @@ class AnalyticQueue:
     so a resumed search does not start over), each the best untried one whose prediction
     (3 significant figures) differs from those of the candidates measured so far (a tie only
     when nothing else is left: ``Plan.first_picks``' rule), and then the sampler takes over.
-    A candidate the ``calibrated`` rule rules out is never handed out; it is in ``pruned``."""
+    A candidate the ``calibrated`` rule rules out is never handed out; it is in ``pruned``.
+
+    Once a screen has measured max_num_seqs (``calibration.ranking`` set), the picks follow
+    its order with no distinct-prediction rule: that rule spreads the picks along the model's
+    ranking, which the screen has replaced by measurements; what is left to learn is the
+    knobs that need a relaunch, best explored at the screened best max_num_seqs."""
 
     def __init__(
         self,
@@ -315,7 +325,7 @@ class AnalyticQueue:
         ranked = self.calibration.order(p for p in untried if verdicts[p.name] is None)
         if not ranked:
             return []
-        if self.picks is None:
+        if self.picks is None or self.calibration.ranking is not None:
             return self._hand(ranked[0])
         by_name = {p.name: p for p in self.candidates}
         seen = {

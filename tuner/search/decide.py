@@ -240,6 +240,7 @@ def decided_record(
             "ratio": decision.gain,
         }
     data.pop("profile", None)
+    data.pop("cost", None)  # measured for the search's choice, not this one
     if profile is not None:
         data["profile"] = profile
     data["decided"] = {

@@ -13,12 +13,20 @@ from tuner.search.objective import direction, minimized
 
 # Candidates queued in analytic order before the sampler (TPE) takes over.
 ANALYTIC_FIRST = 3
+# The objectives a capacity probe bounds from above (maximised): early stop applies to them.
+EARLY_STOP_OBJECTIVES = ("throughput", "goodput")
+# The run-to-run noise of a capacity probe that early stop allows for (15 %).
+EARLY_STOP_MARGIN = 0.15
 
 
 @dataclass(frozen=True)
 class SearchSettings:
     """How the study runs. ``budget``: measured trials (the baseline included; finalist
-    re-runs not); ``time_budget_s``: wall clock for the trial phase."""
+    re-runs not; a trial stopped early counts: it was launched); ``time_budget_s``: wall
+    clock for the trial phase. ``early_stop_margin``: a trial whose capacity probe, raised
+    by this fraction (the measured run-to-run noise), stays below the best objective so far
+    stops there (:class:`tuner.measure.ratesearch.EarlyStop`; objectives throughput and
+    goodput, not the Pareto study); None: never."""
 
     objective: str = "throughput"
     budget: int | None = None
@@ -28,6 +36,19 @@ class SearchSettings:
     sampler: str = "auto"  # auto | grid | tpe | nsga2
     pareto: bool = False
     seed: int = 0
+    early_stop_margin: float | None = EARLY_STOP_MARGIN
+    # Screen max_num_seqs inside one launch after the baseline (tuner.search.screen); None:
+    # on when a sampler drives the search, off for a grid (which measures everything anyway).
+    screen: bool | None = None
+
+    @property
+    def early_stop(self) -> bool:
+        """Whether trials may stop after their capacity probe (see the class docstring)."""
+        return (
+            self.early_stop_margin is not None
+            and not self.pareto
+            and self.objective in EARLY_STOP_OBJECTIVES
+        )
 
     @property
     def minimize(self) -> bool:

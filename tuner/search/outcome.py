@@ -11,6 +11,7 @@ from typing import Any
 from tuner import __version__
 from tuner.engine.settings import redact_settings
 from tuner.errors import VtuneError
+from tuner.search.cost import cost_info, cost_line
 from tuner.search.objective import gain_ratio
 from tuner.search.prepare import Prepared, fixed_settings
 from tuner.search.record import STATE_COMPLETE, SearchRecord
@@ -57,6 +58,9 @@ def profile_config(prep: Prepared, result: SearchResult) -> dict[str, Any]:
 
 
 def profile_header(prep: Prepared, result: SearchResult, record: SearchRecord) -> list[str]:
+    """The profile's comment lines: what it is, how to load it, the workload, the SLO, the
+    choice and its gain, the measured tokens/s per GPU (and $/1M output tokens when the search
+    was given a price), and the record it belongs to."""
     best, base = result.best, result.baseline
     assert best is not None
     gain = record.gain
@@ -73,6 +77,8 @@ def profile_header(prep: Prepared, result: SearchResult, record: SearchRecord) -
         if gain.ratio_of_finalist_means:
             line += f" (x{gain.ratio_of_finalist_means:.3g} on the re-measured means)"
         lines.append(line)
+    if record.cost is not None:
+        lines.append(cost_line(record.cost))
     if result.within_noise:
         lines.append("Note: the best two finalists are within measurement noise of each other.")
     # The record's creation time ties this profile to the record beside it (one run wrote both).
@@ -85,7 +91,9 @@ def profile_header(prep: Prepared, result: SearchResult, record: SearchRecord) -
 
 def build_record(prep: Prepared, result: SearchResult, url: str, started: float) -> SearchRecord:
     """The record of a finished search (written beside the profile as ``to_json()``); the one
-    place a search record is built. The gain is "times better" in the objective's direction."""
+    place a search record is built. The gain is "times better" in the objective's direction;
+    the cost block (:func:`tuner.search.cost.cost_info`) is the chosen candidate's measured
+    tokens/s per GPU and, with ``--gpu-hour-price``, $/1M output tokens."""
     cfg = prep.config
     objective = cfg.settings.objective
     trials = sorted(result.records.values(), key=lambda r: (r.number is None, r.number or 0))
@@ -161,6 +169,15 @@ def build_record(prep: Prepared, result: SearchResult, url: str, started: float)
         quality=tuple(prep.quality),
         fixed_settings=redact_settings(fixed_settings(prep)),
         calibration=result.calibration,
+        screen=result.screen,
+        cost=cost_info(
+            objective,
+            best,
+            result.finalists,
+            fixed_settings(prep),
+            on_cpu=prep.gpu.is_cpu,
+            gpu_hour_price=cfg.gpu_hour_price,
+        ),
     )
 
 

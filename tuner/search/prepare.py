@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +64,7 @@ class TuneConfig:
     latency_rate: float | None = None
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     telemetry: TelemetryOptions | None = DEFAULT_TELEMETRY  # None: no telemetry sampled
+    gpu_hour_price: float | None = None  # USD per GPU-hour: the record's $/1M output tokens
 
 
 @dataclass
@@ -105,6 +107,9 @@ def prepare(cfg: TuneConfig) -> Prepared:
         raise ParameterError(
             f"unknown objective {cfg.settings.objective!r}; choose from {', '.join(OBJECTIVES)}"
         )
+    price = cfg.gpu_hour_price
+    if price is not None and not (0 < price < math.inf):
+        raise ParameterError(f"--gpu-hour-price must be a positive number, got {price}")
     if cfg.settings.objective == "latency" and not cfg.latency_rate:
         raise ParameterError("--objective latency needs --rate (the load to measure latency at)")
     model = load_model(cfg.model)

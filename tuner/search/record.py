@@ -12,7 +12,14 @@ JSON; the JSON field names (:meth:`SearchRecord.to_json`) are the public contrac
 * ``vtune.search/2`` (written now): every field present, None where not known; ``profile``
   only when a profile was written, ``gain.ratio_of_finalist_means`` only when the finalists
   were re-measured, ``calibration`` (the model's fitted factors and its error before/after,
-  :class:`~tuner.search.record_parts.CalibrationInfo`) only from vtune versions that calibrate.
+  :class:`~tuner.search.record_parts.CalibrationInfo`) only from vtune versions that calibrate,
+  ``cost`` (the chosen configuration's tokens/s per GPU and $/1M output tokens,
+  :class:`~tuner.search.record_parts.CostInfo`) only from vtune versions that compute it,
+  ``screen`` (the max_num_seqs screen's figures and its faithfulness,
+  :class:`~tuner.search.record_parts.ScreenInfo`) only when the search screened. A trial
+  stopped after its capacity probe is state ``pruned`` with ``failure.rule`` ``early_stop``
+  (its probe kept in ``rate_search``); a finalist's ``runs`` (each sample's load and whether
+  it was a step down) are absent from records of vtune versions before them.
 * ``vtune.search/1`` (vtune 0.1): the same names, but any field may be missing, ``model`` and
   ``gpu`` may hold more keys (ignored), and ``plan.candidates`` may be a count, not names.
 
@@ -30,31 +37,37 @@ from tuner.errors import ParameterError
 from tuner.search.record_parts import (
     CalibrationInfo,
     CappedEntry,
+    CostInfo,
     Gain,
     GpuInfo,
     ModelInfo,
     PlanInfo,
     ProfileInfo,
     PrunedEntry,
+    ScreenInfo,
     StudyInfo,
     VariantInfo,
 )
 from tuner.search.trial_record import (
+    RULE_EARLY_STOP,
     STATE_COMPLETE,
     STATE_FAILED,
     STATE_PRUNED,
     Finalist,
+    FinalistSample,
     TrialRecord,
     finite,
 )
 
 __all__ = [
     "READABLE_SCHEMAS",
+    "RULE_EARLY_STOP",
     "SCHEMA",
     "STATE_COMPLETE",
     "STATE_FAILED",
     "STATE_PRUNED",
     "Finalist",
+    "FinalistSample",
     "SearchRecord",
     "TrialRecord",
     "finite",
@@ -96,6 +109,8 @@ class SearchRecord:
     fixed_settings: dict[str, Any] = field(default_factory=dict)
     profile: ProfileInfo | None = None
     calibration: CalibrationInfo | None = None
+    cost: CostInfo | None = None
+    screen: ScreenInfo | None = None
 
     def trial(self, name: str | None) -> TrialRecord | None:
         """The trial of that candidate name, or None."""
@@ -130,6 +145,10 @@ class SearchRecord:
             data["profile"] = asdict(self.profile)
         if self.calibration is not None:
             data["calibration"] = self.calibration.to_json()
+        if self.cost is not None:
+            data["cost"] = self.cost.to_json()
+        if self.screen is not None:
+            data["screen"] = self.screen.to_json()
         return data
 
     @classmethod
@@ -183,6 +202,10 @@ class SearchRecord:
             if profile is None
             else ProfileInfo(_str(profile.get("path")), r.obj(profile, "config", "profile.config")),
             calibration=r.calibration(data),
+            cost=None if data.get("cost") is None else CostInfo.from_json(r.obj(data, "cost")),
+            screen=None
+            if data.get("screen") is None
+            else ScreenInfo.from_json(r.obj(data, "screen")),
         )
 
 

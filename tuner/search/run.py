@@ -5,6 +5,10 @@ The whole run holds the ``--out`` lock (:func:`tuner.search.profile.out_lock`): 
 on the same directory ends at once with one line. A disk that refuses a write (full, read-only,
 failing) ends the search with one line (StorageError): what was saved before stays whole and a
 rerun of the same command resumes from it.
+
+Several workers on one study: the study carries the configuration ``vtune worker`` runs from
+(:mod:`tuner.search.study_config`), and one worker writes the profile and its record
+(:mod:`tuner.search.lease`); the others end with one line and exit 0.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from tuner.measure.ratesearch import RateSearchConfig
 from tuner.plan.prune import feasible_concurrency, plan
 from tuner.plan.space import Space
 from tuner.quant.variants import materialize
+from tuner.search import lease, study_config
 from tuner.search import study as study_mod
 from tuner.search.outcome import TuneOutcome, build_record, profile_config, profile_header
 from tuner.search.prepare import Prepared, fixed_settings, storage_for, watch_for
@@ -27,7 +32,7 @@ from tuner.search.profile import out_lock, render_profile, write_outputs
 from tuner.search.record_parts import ProfileInfo
 from tuner.search.runner import Search, directions, make_sampler, queue_all
 from tuner.search.store import TrialStore
-from tuner.search.study import open_study
+from tuner.search.study import open_study, storage_of
 from tuner.search.trial import TrialSetup, VllmTrialRunner
 from tuner.specs.vllm_defaults import vllm_defaults
 
@@ -44,10 +49,12 @@ def run_search(prep: Prepared, observer: Any = None) -> TuneOutcome:
     with out_lock(prep.yaml_path.parent, prep.gpu.name):
         study = None
         try:
+            space = prep.space  # as planned: what a worker's prepare plans (study_config)
             _materialize_variants(prep, observer)  # may drop variants: the plan changes
             url = storage_for(prep)
             sampler = make_sampler(prep.config.settings, queue_all(prep.plan, prep.config.settings))
             study = open_study(url, prep.study_name, directions(prep.config.settings), sampler)
+            study_config.remember(study, prep, space)  # what `vtune worker` runs it from
             return _run(prep, study, url, observer)
         except StorageError:
             _release_running(study)
@@ -66,6 +73,10 @@ def run_search(prep: Prepared, observer: Any = None) -> TuneOutcome:
 def _run(prep: Prepared, study: Any, url: str, observer: Any) -> TuneOutcome:
     cfg = prep.config
     started = time.time()
+    # One worker of a shared study writes the profile (tuner.search.lease); one that starts
+    # after another took the lease has nothing left to measure.
+    storage, holder = storage_of(study), lease.holder_for(prep.yaml_path)
+    lease.ensure_free(storage, prep.study_name, holder)
     runner = VllmTrialRunner(trial_setup(prep), observer)
     search = Search(
         study,
@@ -76,6 +87,9 @@ def _run(prep: Prepared, study: Any, url: str, observer: Any) -> TuneOutcome:
         cfg.settings,
         TrialStore(prep.work_dir),
         observer,
+        # Taken before the finalists: they are re-measured once, by the profile's writer; the
+        # others end with ProfileElsewhere (exit 0).
+        before_finalists=lambda: lease.ensure_taken(storage, prep.study_name, holder),
     )
     result = search.run()
     observer_call(observer, "on_phase", "write")
@@ -146,6 +160,7 @@ def trial_setup(prep: Prepared) -> TrialSetup:
         ),
         endpoint=cfg.endpoint,
         watch=watch_for(prep),
+        early_stop_margin=cfg.settings.early_stop_margin or 0.0,
     )
 
 

@@ -11,9 +11,10 @@ environment failure: :mod:`tuner.search.resume`. Several workers on one study:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ from tuner.plan.prune import Plan, Planned, Pruned, Target, Variant, evaluate
 from tuner.plan.space import Candidate, Space
 from tuner.search.calibration import AnalyticQueue, OnlineCalibration
 from tuner.search.events import Fanout
+from tuner.search.finalist_runs import launch_groups, launch_key, trial_sample
 from tuner.search.front import search_front
 from tuner.search.objective import OBJECTIVES as OBJECTIVES  # re-exported for prepare
 from tuner.search.objective import worst
@@ -32,9 +34,10 @@ from tuner.search.order import TrialOrder as TrialOrder
 from tuner.search.order import directions as directions
 from tuner.search.order import make_sampler as make_sampler
 from tuner.search.order import queue_all as queue_all
-from tuner.search.record import STATE_COMPLETE, STATE_PRUNED, Finalist, TrialRecord
-from tuner.search.record_parts import CalibrationInfo
+from tuner.search.record import STATE_COMPLETE, STATE_PRUNED, Finalist, FinalistSample, TrialRecord
+from tuner.search.record_parts import CalibrationInfo, ScreenInfo
 from tuner.search.resume import abandon, environment_stop, stale_candidates
+from tuner.search.screen import Screen
 from tuner.search.store import TrialStore
 from tuner.search.study import earlier_trial, fail_stale, finished_records, heartbeat, pending_names
 from tuner.search.workers import tell_record, wait_for_others
@@ -45,11 +48,24 @@ MAX_IDLE_ASKS = 40
 
 
 class TrialRunner(Protocol):
-    """Measures candidates; never raises for a server failure (it is a failed TrialRecord)."""
+    """Measures candidates; never raises for a server failure (it is a failed TrialRecord).
+    ``incumbent``: the best objective so far, when the trial may stop after its capacity probe
+    (a pruned record, rule early_stop); ``remeasure_group``: finalists whose
+    ``engine_settings`` are equal, in one launch; a runner may give bare numbers as samples."""
 
-    def measure(self, number: int, planned: Planned, variant: Variant) -> TrialRecord: ...
+    def measure(
+        self, number: int, planned: Planned, variant: Variant, incumbent: float | None = None
+    ) -> TrialRecord: ...
 
-    def remeasure(self, record: TrialRecord, variant: Variant, repeats: int) -> list[float]: ...
+    def remeasure(
+        self, record: TrialRecord, variant: Variant, repeats: int
+    ) -> list[FinalistSample]: ...
+
+    def remeasure_group(
+        self, records: Sequence[TrialRecord], variant: Variant, repeats: int
+    ) -> dict[str, list[FinalistSample]]: ...
+
+    def engine_settings(self, cand: Candidate, variant: Variant) -> Any: ...
 
 
 @dataclass
@@ -64,6 +80,7 @@ class SearchResult:
     elapsed_s: float = 0.0
     finalist_engine_time_s: float = 0.0
     calibration: CalibrationInfo | None = None
+    screen: ScreenInfo | None = None
 
 
 class Search:
@@ -82,14 +99,19 @@ class Search:
         observer: Any = None,
         clock: Callable[[], float] = time.monotonic,
         calibration: OnlineCalibration | None = None,
+        before_finalists: Callable[[], None] | None = None,
     ) -> None:
         self.study, self.plan, self.space, self.target = study, plan, space, target
+        # Workers sharing a study: the one that takes the profile lease here re-measures the
+        # finalists; the others end (tuner.search.lease raises) so finalists run once.
+        self.before_finalists = before_finalists
         self.calibration = calibration or OnlineCalibration(target, settings.objective)
         self.runner, self.settings, self.store = runner, settings, trial_store
         self.observer = observer if observer is not None else Fanout()
         self.clock = clock
         self.varying = {k: v for k, v in space.values.items() if len(v) > 1}
         self.fixed = {k: v[0] for k, v in space.values.items() if len(v) == 1}
+        self.screen = Screen(self)  # max_num_seqs in one launch (tuner.search.screen)
 
     # -- trial phase ---------------------------------------------------------------------------
 
@@ -128,6 +150,7 @@ class Search:
                 break
             done.update(finished_records(self.study))
             self._requeue(fail_stale(self.study, settle=False), done)
+            queue.pruned += self.screen.maybe_run(done, grid)  # once, after the baseline
             if not self._waiting():
                 self._enqueue(done, tuple(queue.next(done, pending_names(self.study))))
             if grid and not self._waiting():
@@ -152,6 +175,8 @@ class Search:
             environment_failures = environment_failures + 1 if record.environment_failure else 0
             if record.environment_failure and (record.baseline or environment_failures >= 2):
                 raise EnvironmentFailedError(environment_stop(record, environment_failures))
+        if self.before_finalists is not None:
+            self.before_finalists()
         finalists, within_noise, finalist_time = self._finalists(done)
         best = self._choose(done, finalists)
         return SearchResult(
@@ -165,6 +190,7 @@ class Search:
             elapsed_s=self.clock() - started,
             finalist_engine_time_s=finalist_time,
             calibration=self.calibration.info(done.values()),
+            screen=self.screen.info(done),
         )
 
     def _step(
@@ -194,7 +220,7 @@ class Search:
             trial.set_user_attr("running_elsewhere", planned.name)
             self.study.tell(trial, state=_state("PRUNED"))
             return None
-        return self._run_trial(trial, planned)
+        return self._run_trial(trial, planned, self._incumbent(done))
 
     def _requeue(self, stale: list[int], done: dict[str, TrialRecord]) -> None:
         """Queue again the candidates of ``stale`` trials (their worker died), to run here."""
@@ -218,7 +244,7 @@ class Search:
         return any(t.state.name == "WAITING" for t in self.study.get_trials(deepcopy=False))
 
     def _measured(self, done: dict[str, TrialRecord]) -> int:
-        return sum(1 for r in done.values() if r.state != STATE_PRUNED)
+        return sum(1 for r in done.values() if r.state != STATE_PRUNED or r.stopped_early)
 
     def _out_of_time(self, started: float) -> bool:
         limit = self.settings.time_budget_s
@@ -230,7 +256,9 @@ class Search:
         knobs = {k: trial.suggest_categorical(k, list(v)) for k, v in self.varying.items()}
         cand = Candidate(**{**self.fixed, **knobs})
         outcome = evaluate(cand, self.target)  # normalizes the single-variant quantization
-        return outcome if isinstance(outcome, Pruned) else outcome[0]
+        if isinstance(outcome, Pruned):
+            return outcome
+        return self.screen.verdict(outcome[0]) or outcome[0]  # the screen's losers too
 
     def _tell_known(self, trial: Any, record: TrialRecord) -> None:
         trial.set_user_attr("candidate", record.name)
@@ -240,16 +268,35 @@ class Search:
         else:
             self.study.tell(trial, state=_state("PRUNED"))
 
-    def _run_trial(self, trial: Any, planned: Planned) -> TrialRecord:
+    def _incumbent(self, done: dict[str, TrialRecord]) -> float | None:
+        """The best objective measured so far, which a trial's capacity probe must be able to
+        reach (``SearchSettings.early_stop``); None when trials never stop early.
+
+        A plain threshold, not Optuna's pruner interface: its pruners compare a trial's
+        intermediate values step by step with other trials' at the same step, while this rule
+        compares one figure (the probe's, an upper bound of the objective) with the
+        incumbent's final objective, inside the measuring (which has no Optuna trial). The
+        trial still ends PRUNED, with the probe reported as its value at step 0."""
+        if not self.settings.early_stop:
+            return None
+        best = max((r.objective or 0.0 for r in self._ranked(done)), default=0.0)
+        return best or None
+
+    def _run_trial(self, trial: Any, planned: Planned, incumbent: float | None) -> TrialRecord:
         variant = self.target.variants[planned.candidate.quantization or "none"]
         trial.set_user_attr("knobs", planned.candidate.knobs())
         self.observer.on_trial_start(trial.number, planned.name, planned.candidate.knobs())
-        record = self.runner.measure(trial.number, planned, variant)
+        if incumbent is None or planned.candidate.is_baseline:  # the gain needs it whole
+            record = self.runner.measure(trial.number, planned, variant)
+        else:
+            record = self.runner.measure(trial.number, planned, variant, incumbent=incumbent)
         interrupt.check()  # a stop request came while it was measured: not a result
         with interrupt.deferred():  # a finished trial is saved whole
             record = self.calibration.annotate(record, planned)  # the fit before this trial
             if not record.environment_failure:
                 self.store.save(record)
+            if record.stopped_early and record.max_output_throughput is not None:
+                _report(trial, record.max_output_throughput)
             tell_record(self.study, trial, record, self._values(record))
         self.observer.on_trial_end(record)
         return record
@@ -282,25 +329,40 @@ class Search:
         everyone = self._ranked(done)
         ranked = everyone[: self.settings.finalists]
         if self.settings.repeats <= 0 or len(ranked) < 2:
-            return [Finalist.of(r.name, [r.objective or 0.0]) for r in ranked], False, 0.0
+            alone = [Finalist.of(r.name, [r.objective or 0.0], (trial_sample(r),)) for r in ranked]
+            return alone, False, 0.0
         ranked += [r for r in everyone[len(ranked) :] if r.name == self.plan.baseline.name]
         self.observer.on_phase("finalists", ", ".join(r.name for r in ranked))
-        finalists = []
-        seconds = 0.0
-        for record in ranked:
-            saved = self.store.load_samples(record.name, self.settings.objective)
-            if saved is None:
-                variant = self.target.variants[record.variant]
-                t0 = self.clock()
-                extra = self.runner.remeasure(record, variant, self.settings.repeats)
-                interrupt.check()  # cut short by a stop request: measured again next run
-                saved = ([record.objective or 0.0, *extra], self.clock() - t0)
-                self.store.save_samples(record.name, *saved)
-            finalists.append(Finalist.of(record.name, saved[0]))
-            seconds += saved[1]
+        objective, repeats = self.settings.objective, self.settings.repeats
+        saved = {r.name: self.store.load_samples(r.name, objective) for r in ranked}
+        runs = {r.name: self.store.load_runs(r.name, objective) for r in ranked}
+        # Finalists whose settings are equal (vLLM's defaults, and a candidate setting a knob
+        # to its default) are re-measured in one launch, their points in turn.
+        todo = [r for r in ranked if saved[r.name] is None]
+        for group in launch_groups(todo, self._launch_key):
+            variant = self.target.variants[group[0].variant]
+            t0 = self.clock()
+            if len(group) == 1:
+                extra = {group[0].name: self.runner.remeasure(group[0], variant, repeats)}
+            else:
+                extra = self.runner.remeasure_group(group, variant, repeats)
+            interrupt.check()  # cut short by a stop request: measured again next run
+            share = (self.clock() - t0) / len(group)  # one launch's time, counted once
+            for record in group:
+                got = [FinalistSample.of(v) for v in extra.get(record.name, [])]
+                runs[record.name] = (trial_sample(record), *got)
+                saved[record.name] = ([x.value for x in runs[record.name]], share)
+                self.store.save_samples(record.name, *saved[record.name], runs[record.name])
+        finalists = [Finalist.of(r.name, saved[r.name][0], runs[r.name]) for r in ranked]
+        seconds = sum(saved[r.name][1] for r in ranked)
         finalists.sort(key=lambda f: f.mean, reverse=not self.settings.minimize)
         within_noise = len(finalists) >= 2 and finalists[0].overlaps(finalists[1])
         return finalists, within_noise, seconds
+
+    def _launch_key(self, record: TrialRecord) -> Hashable:
+        variant = self.target.variants[record.variant]
+        settings = self.runner.engine_settings(Candidate(**record.knobs), variant)
+        return launch_key(settings, self.target.gpu)
 
     def _choose(
         self, done: dict[str, TrialRecord], finalists: list[Finalist]
@@ -309,6 +371,15 @@ class Search:
             return done[finalists[0].name]
         ranked = self._ranked(done)
         return ranked[0] if ranked else None
+
+
+def _report(trial: Any, value: float) -> None:
+    """A trial stopped early reports its probe as its value at step 0 (TPE ranks pruned
+    trials by it); not when another worker failed the trial meanwhile (tell_record keeps it)."""
+    import optuna
+
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.report(value, 0)
 
 
 def _state(name: str) -> Any:

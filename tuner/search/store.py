@@ -5,6 +5,7 @@ when the study storage is new. A write the disk refuses (full, read-only, I/O er
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from tuner.errors import ParameterError, StorageError
 from tuner.files import atomic_write_json, read_json
 from tuner.search.objective import worst
 from tuner.search.profile import remove_debris
-from tuner.search.record import TrialRecord
+from tuner.search.record import FinalistSample, TrialRecord
 
 
 class TrialStore:
@@ -52,13 +53,27 @@ class TrialStore:
             out[record.name] = record
         return out
 
-    def save_samples(self, name: str, samples: list[float], seconds: float) -> None:
-        """Save a finalist's samples; StorageError when the disk refuses them."""
-        self._write(
-            f"the samples of finalist {name}",
-            self._path("finalists", name),
-            {"name": name, "samples": samples, "engine_time_s": seconds},
-        )
+    def save_samples(
+        self,
+        name: str,
+        samples: list[float],
+        seconds: float,
+        runs: Sequence[FinalistSample] = (),
+    ) -> None:
+        """Save a finalist's samples (and ``runs``: the load each was measured at);
+        StorageError when the disk refuses them."""
+        data: dict[str, Any] = {"name": name, "samples": samples, "engine_time_s": seconds}
+        if runs:
+            data["runs"] = [r.to_json() for r in runs]
+        self._write(f"the samples of finalist {name}", self._path("finalists", name), data)
+
+    def load_runs(self, name: str, objective: str | None = None) -> tuple[FinalistSample, ...]:
+        """The loads of a finalist's saved samples (:meth:`save_samples`); empty when not
+        saved, or saved without them."""
+        path = self._path("finalists", name)
+        raw = read_json(path).get("runs") if path.exists() else None
+        read = [FinalistSample.from_json(r, worst(objective)) for r in raw or []]
+        return tuple(r for r in read if r is not None) if isinstance(raw, list) else ()
 
     def load_samples(
         self, name: str, objective: str | None = None

@@ -1,10 +1,15 @@
-"""Optuna study plumbing: storage from a URL or path, resuming, stale trials, heartbeats.
+"""Optuna study plumbing: opening (the storage itself: :mod:`tuner.search.storage`), resuming,
+stale trials, heartbeats.
 
 Trials carry user attributes: ``candidate`` (name), ``knobs`` (dict), ``baseline`` (bool),
 ``worker_id`` (a random id per process), ``worker`` (its hostname, for people), and at the end
-``record`` (TrialRecord JSON) and, when it failed, ``failure_class`` and ``environment`` (the
-environment's failure: not finished, runs again); a trial failed as stale has ``stale: true``,
-one cut short by a stop request ``interrupted: true`` (:mod:`tuner.search.resume`).
+``record`` (TrialRecord JSON), ``objective`` and ``slo`` (met, not met, stopped early, failed;
+what ``optuna-dashboard`` shows: :func:`tuner.search.workers.dashboard_attrs`) and, when it failed,
+``failure_class`` and ``environment`` (the environment's failure: not finished, runs again); a
+trial failed as stale has ``stale: true``, one cut short by a stop request ``interrupted: true``
+(:mod:`tuner.search.resume`). The study itself carries the search's configuration
+(:mod:`tuner.search.study_config`); a marker study beside it, who writes the profile
+(:mod:`tuner.search.lease`).
 
 Liveness is a heartbeat judged by the one who watches it, on its own clock: from the moment a
 trial is claimed, a thread adds one to its ``heartbeat`` attribute every ``HEARTBEAT_S``
@@ -14,7 +19,8 @@ are ever compared, so clock skew between workers does not matter. (Optuna's hear
 ``RDBStorage(heartbeat_interval, grace_period)``, compares the time a beat was written with the
 time it is read, each taken by the database's ``CURRENT_TIMESTAMP``; on SQLite that is each
 worker's own clock, and a worker whose clock ran two minutes ahead failed every live trial of
-the others: tests/faults/test_two_workers.py.) A trial asked but never claimed (its worker died
+the others: tests/faults/test_two_workers.py; on PostgreSQL both times are the server's, but
+one rule for every storage is simpler.) A trial asked but never claimed (its worker died
 in between) goes stale the same way. A worker is not known by ``host:pid``: in a container
 vtune is PID 1 and an Indexed Job's pod keeps its hostname across restarts, so a rerun would
 take its own dead trial for a live one.
@@ -31,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import socket
 import threading
 import time
@@ -40,19 +45,19 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 from tuner.errors import StorageError
 from tuner.search.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
+from tuner.search.storage import OPEN_TRIES, lost_creation_race, open_failure, open_storage, redact
+from tuner.search.storage import sqlalchemy_url as sqlalchemy_url  # re-exported
+from tuner.search.storage import storage_url as storage_url  # re-exported
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 10
 GRACE_S = 3 * HEARTBEAT_S  # three missed beats: a stalled database write is not a death
 BEAT = "heartbeat"  # the trial attribute its heartbeat counts up
-OPEN_TRIES = 5  # opening a new storage races with workers creating its tables at once
 HOST = socket.gethostname()
 WORKER_ID = uuid.uuid4().hex
 
@@ -106,45 +111,6 @@ def _optuna() -> Any:
     return optuna
 
 
-def storage_url(storage: str | None, default_path: Path) -> str:
-    """``None`` -> SQLite file at ``default_path``; a bare path -> SQLite there; else a URL."""
-    if storage is None:
-        default_path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{default_path.resolve()}"
-    if "://" not in storage:
-        return f"sqlite:///{Path(storage).resolve()}"
-    return storage
-
-
-# userinfo with a password: the password runs to the last "@" (an unencoded "@" in it must not
-# leak its tail; a query holding "@" is rare, and then too much is hidden, never too little).
-_USERINFO = re.compile(r"(?P<user>[^:/?#@]*):(?P<password>.*)@(?P<after>[^@]*)", re.DOTALL)
-_SECRET_KEYS = ("password", "secret", "token")
-
-
-def redact(url: str) -> str:
-    """A storage URL without its secrets, for logs and records: the userinfo password and the
-    value of every query key containing "password", "secret" or "token" (``sslpassword``,
-    ``auth_token``...) become ``***``; the username, host and everything else stay as written."""
-    if "://" not in url:
-        return url  # a file path
-    scheme, rest = url.split("://", 1)
-    m = _USERINFO.fullmatch(rest)
-    if m:
-        rest = f"{m['user']}:***@{m['after']}"
-    base, sep, query = rest.partition("?")
-    if not sep:
-        return f"{scheme}://{rest}"
-    query, hash_, fragment = query.partition("#")
-    pairs = []
-    for pair in re.split(r"([&;])", query):
-        key, eq, _ = pair.partition("=")
-        if eq and any(word in unquote(key).lower() for word in _SECRET_KEYS):
-            pair = f"{key}=***"
-        pairs.append(pair)
-    return f"{scheme}://{base}?{''.join(pairs)}{hash_}{fragment}"
-
-
 def open_study(
     url: str,
     name: str,
@@ -156,11 +122,11 @@ def open_study(
 ) -> Any:
     """Create or load the study; its trials' heartbeats beat every ``heartbeat_s`` and go
     stale after ``grace_s`` seconds seen standing still; StorageError with one line when the
-    storage is unreachable."""
+    storage is unreachable (:func:`open_storage`)."""
     optuna = _optuna()
     for attempt in range(1, OPEN_TRIES + 1):
+        storage = open_storage(url)
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
             study = optuna.create_study(
                 study_name=name,
                 storage=storage,
@@ -169,33 +135,45 @@ def open_study(
                 load_if_exists=True,
             )
             break
-        except (ImportError, ModuleNotFoundError) as exc:
-            raise StorageError(
-                f"study storage {redact(url)}: missing driver ({exc.name})"
-            ) from None
         except Exception as exc:  # SQLAlchemy raises many types for "cannot connect"
-            if attempt < OPEN_TRIES and _lost_creation_race(exc):
+            if attempt < OPEN_TRIES and lost_creation_race(exc):
                 time.sleep(random.uniform(0.1, 0.5))  # the other worker's tables are there now
                 continue
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StorageError(f"cannot open study storage {redact(url)}: {first[:200]}") from None
+            raise StorageError(open_failure(url, exc)) from None
     _WATCHES[study] = _Watch(storage, heartbeat_s, grace_s)
     return study
 
 
-def _lost_creation_race(exc: BaseException) -> bool:
-    """Whether ``exc`` is another worker creating the tables of a new storage at the same
-    moment: Optuna creates them on first use without a lock ("table studies already exists",
-    "UNIQUE constraint failed: alembic_version.version_num"; optuna/optuna#1092, #4621)."""
-    text = str(exc).lower()
-    return type(exc).__name__ == "IntegrityError" or "already exists" in text
+def load_study(url: str, name: str, sampler: Any = None) -> Any:
+    """An existing study, with heartbeats as :func:`open_study`'s; StorageError (one line)
+    when the storage cannot be opened or holds no study ``name``."""
+    storage = open_storage(url)
+    try:
+        try:
+            study_id = storage.get_study_id_from_name(name)
+        except KeyError:
+            names = sorted(
+                s.study_name
+                for s in storage.get_all_studies()
+                if s.study_name.startswith("vtune-") and "/" not in s.study_name
+            )
+            there = f"studies there: {', '.join(names[:5])}" if names else "no vtune study there"
+            raise StorageError(
+                f"no study {name!r} in {redact(url)} ({there}; `vtune search` prints the name "
+                "of its study)"
+            ) from None
+        directions = [d.name.lower() for d in storage.get_study_directions(study_id)]
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(open_failure(url, exc)) from None
+    return open_study(url, name, directions, sampler)
 
 
-def _engine_kwargs(url: str) -> dict[str, Any]:
-    if url.startswith("sqlite"):
-        # Several workers on one SQLite file wait for the lock instead of failing at once.
-        return {"connect_args": {"timeout": 60}}
-    return {"pool_pre_ping": True}
+def storage_of(study: Any) -> Any:
+    """The storage ``study`` was opened on (by :func:`open_study`), else Optuna's own."""
+    watch = _WATCHES.get(study)
+    return watch.storage if watch is not None else study._storage
 
 
 def fail_stale(study: Any, *, settle: bool = True) -> list[int]:
@@ -251,7 +229,8 @@ def _live(study: Any) -> list[Any]:
 
 
 def finished_records(study: Any) -> dict[str, TrialRecord]:
-    """Candidates this study has finished: measured, or failed as a property of the candidate
+    """Candidates this study has finished: measured, stopped early (its probe could not reach
+    the incumbent), or failed as a property of the candidate
     (OOM, an option vLLM rejects: not retried). Interrupted and stale trials, and those that
     failed for the environment (``TrialRecord.environment_failure``), are not finished: their
     candidates run again."""
@@ -263,7 +242,7 @@ def finished_records(study: Any) -> dict[str, TrialRecord]:
         record = TrialRecord.from_json(data)
         if record.environment_failure or record.name in out:
             continue
-        if record.state in (STATE_COMPLETE, STATE_FAILED):
+        if record.state in (STATE_COMPLETE, STATE_FAILED) or record.stopped_early:
             out[record.name] = record
     return out
 

@@ -7,6 +7,12 @@ The load sends the API key the server requires (``--engine-arg api_key=...`` or
 ``VLLM_API_KEY``). A trial in which every request failed (401, 404, timeouts...) measured
 nothing: it is a failed trial of class ``requests_failed`` with the status seen, not a candidate
 scoring 0; a load point whose requests all got the same client error (4xx) ends it at once.
+
+Given the incumbent (the best objective so far), a trial whose capacity probe cannot reach it
+stops there: state pruned, ``failure`` ``{"rule": "early_stop", "reason": ...}``, the probe kept
+(:class:`tuner.measure.ratesearch.EarlyStop`). Finalists are re-measured at their chosen load,
+one step down when a run misses the SLO (:func:`tuner.measure.ratesearch.measure_held`), several
+finalists with equal settings in one launch (:meth:`VllmTrialRunner.remeasure_group`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from tuner.load.generator import LoadConfig
 from tuner.load.workload import load_tokenizer
 from tuner.measure.bench import WorkloadSpec, build_requests, measure
 from tuner.measure.ratesearch import (
+    EarlyStop,
     LoadPoint,
     RatePoint,
     RateSearchConfig,
@@ -40,7 +47,16 @@ from tuner.plan.prune import Planned, Variant, feasible_concurrency
 from tuner.plan.space import Candidate
 from tuner.plan.variants import serving_values
 from tuner.search.events import Fanout
-from tuner.search.record import STATE_COMPLETE, STATE_FAILED, TrialRecord
+from tuner.search.finalist_runs import chosen_load, failed_samples, repeat_rounds
+from tuner.search.order import EARLY_STOP_MARGIN, EARLY_STOP_OBJECTIVES
+from tuner.search.record import (
+    RULE_EARLY_STOP,
+    STATE_COMPLETE,
+    STATE_FAILED,
+    STATE_PRUNED,
+    FinalistSample,
+    TrialRecord,
+)
 
 # Requests built once per search and reused (cycled) by every measurement.
 REQUEST_POOL = 512
@@ -71,6 +87,7 @@ class TrialSetup:
     endpoint: str = "completions"
     request_timeout_s: float = 120.0
     watch: WatchPlan | None = None  # telemetry and roofline of every point (None: not watched)
+    early_stop_margin: float = EARLY_STOP_MARGIN  # SearchSettings.early_stop_margin
 
 
 class VllmTrialRunner:
@@ -83,7 +100,11 @@ class VllmTrialRunner:
 
     # -- TrialRunner ---------------------------------------------------------------------------
 
-    def measure(self, number: int, planned: Planned, variant: Variant) -> TrialRecord:
+    def measure(
+        self, number: int, planned: Planned, variant: Variant, incumbent: float | None = None
+    ) -> TrialRecord:
+        """Launch, rate-search, stop. ``incumbent``: the best objective so far, when the search
+        lets trials stop early (throughput and goodput: a probe below it ends the trial)."""
         cand = planned.candidate
         settings = self.engine_settings(cand, variant)
         base = TrialRecord(
@@ -109,9 +130,12 @@ class VllmTrialRunner:
                     vllm_args=list(server.info.argv),
                 )
                 concurrency = self._concurrency(planned)
+                early = self._early_stop(incumbent)
                 result = run_watched(
                     server,
-                    lambda stop: self._search(server, planned.name, concurrency, stop, points),
+                    lambda stop: self._search(
+                        server, planned.name, concurrency, stop, points, early
+                    ),
                 )
         except ServerStartError as exc:
             return replace(
@@ -146,6 +170,15 @@ class VllmTrialRunner:
                 engine_time_s=time.monotonic() - t0,
                 finished_at=_now(),
             )
+        if result.stopped_early:
+            return replace(
+                base,
+                state=STATE_PRUNED,
+                rate_search=result.to_json(),
+                failure={"rule": RULE_EARLY_STOP, "reason": result.reason},
+                engine_time_s=time.monotonic() - t0,
+                finished_at=_now(),
+            )
         value = self._objective(result)
         best = None
         if result.best is not None:
@@ -164,22 +197,36 @@ class VllmTrialRunner:
             finished_at=_now(),
         )
 
-    def remeasure(self, record: TrialRecord, variant: Variant, repeats: int) -> list[float]:
-        """Relaunch the candidate and measure its chosen load point ``repeats`` times; a
-        failed relaunch counts as zero throughput (it is part of the noise)."""
-        cand = Candidate(**record.knobs)
-        settings = self.engine_settings(cand, variant)
-        load = _best_load(record)
-        if load is None:
-            return []
-        log_path = self.setup.log_dir / f"finalist-{record.name[:100]}.log"
+    def remeasure(
+        self, record: TrialRecord, variant: Variant, repeats: int
+    ) -> list[FinalistSample]:
+        """Relaunch the candidate and measure its chosen load point ``repeats`` times, each
+        one step down when it misses the SLO (:func:`~tuner.measure.ratesearch.measure_held`);
+        a failed relaunch counts as zero throughput (it is part of the noise)."""
+        return self.remeasure_group([record], variant, repeats)[record.name]
+
+    def remeasure_group(
+        self, records: Sequence[TrialRecord], variant: Variant, repeats: int
+    ) -> dict[str, list[FinalistSample]]:
+        """:meth:`remeasure` for finalists whose settings are equal (the search groups them),
+        in ONE launch with the first one's settings: each repeat measures every finalist's
+        point in turn, so that a drift over the launch falls on all of them alike. A finalist
+        without a chosen point gets no samples; a failed launch, or a server that died, counts
+        the worst value for every repeat of each (zero throughput; an endless latency)."""
+        loads = {r.name: load for r in records if (load := chosen_load(r)) is not None}
+        out: dict[str, list[FinalistSample]] = {r.name: [] for r in records}
+        if not loads:
+            return out
+        settings = self.engine_settings(Candidate(**records[0].knobs), variant)
+        log_path = self.setup.log_dir / f"finalist-{'+'.join(loads)[:100]}.log"
         try:
             with launched(settings, self.setup.launch, log_path=log_path) as server:
-                return run_watched(
-                    server, lambda stop: self._repeat(server, record.name, load, repeats, stop)
+                out.update(
+                    run_watched(server, lambda stop: self._repeat(server, loads, repeats, stop))
                 )
         except (ServerStartError, ServerDied):
-            return [0.0] * repeats
+            out.update(failed_samples(loads, repeats, self.setup.objective))
+        return out
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -239,6 +286,13 @@ class VllmTrialRunner:
         self.observer.on_point(name, point.to_json())
         return point
 
+    def _early_stop(self, incumbent: float | None) -> EarlyStop | None:
+        """The early stop this trial runs under: with an incumbent that measured something,
+        for an objective the capacity probe bounds from above (throughput, goodput)."""
+        if not incumbent or self.setup.objective not in EARLY_STOP_OBJECTIVES:
+            return None
+        return EarlyStop(incumbent, self.setup.early_stop_margin, self.setup.objective)
+
     async def _search(
         self,
         server: VllmServer,
@@ -246,6 +300,7 @@ class VllmTrialRunner:
         concurrency: int,
         stop: asyncio.Event,
         points: list[RatePoint],
+        early: EarlyStop | None = None,
     ) -> RateSearchResult:
         """The rate search within this launch; every measured point is appended to ``points``
         as it completes, so the caller keeps them when the server dies."""
@@ -273,32 +328,29 @@ class VllmTrialRunner:
                 f"latency objective: fixed rate {rate:g} req/s",
             )
         cfg = replace(self.setup.rate, concurrency=concurrency)
-        result = await find_max_rate(measure_at, self.setup.slo, cfg)
+        result = await find_max_rate(measure_at, self.setup.slo, cfg, early)
         if points and not any(p.summary.completed for p in points):
             raise RequestsFailed(_all_failed(points))
         return result
 
     async def _repeat(
-        self, server: VllmServer, name: str, load: LoadPoint, repeats: int, stop: asyncio.Event
-    ) -> list[float]:
-        values = []
-        for i in range(repeats):
-            point = await self._point(
-                server,
-                name,
-                load,
-                WARMUP_REQUESTS if i == 0 else 0,
-                offset=i * (load.num_requests + WARMUP_REQUESTS),
-                stop=stop,
-            )
-            single = RateSearchResult(
-                (point,),
-                point if point.slo_met else None,
-                point.summary.request_throughput,
-                "finalist re-run",
-            )
-            values.append(self._objective(single))
-        return values
+        self,
+        server: VllmServer,
+        loads: Mapping[str, LoadPoint],
+        repeats: int,
+        stop: asyncio.Event,
+    ) -> dict[str, list[FinalistSample]]:
+        """The finalists' rounds of re-runs in this launch (:func:`repeat_rounds`); the
+        latency objective is measured at its fixed rate only: a step down would change what
+        it measures."""
+
+        async def at(name: str, load: LoadPoint, warmup: int, offset: int) -> RatePoint:
+            return await self._point(server, name, load, warmup, offset, stop)
+
+        step = self.setup.objective != "latency"
+        return await repeat_rounds(
+            at, loads, repeats, self.setup.rate, self._objective, step=step, warmup=WARMUP_REQUESTS
+        )
 
     def _objective(self, result: RateSearchResult) -> float:
         if self.setup.objective != "latency":
@@ -308,21 +360,6 @@ class VllmTrialRunner:
         metric, stat = self.setup.latency_stat
         value = result.best.summary.stat(metric, stat)
         return math.inf if value is None else value * 1000.0
-
-
-def _best_load(record: TrialRecord) -> LoadPoint | None:
-    search = record.rate_search or {}
-    index = search.get("best_index")
-    if index is None:
-        return None
-    load = search["points"][index]["load"]
-    rate = load.get("rate")
-    return LoadPoint(
-        math.inf if rate is None else float(rate),
-        load.get("concurrency"),
-        int(load["num_requests"]),
-        load.get("duration_s"),
-    )
 
 
 def _client_errors(errors: Mapping[str, int]) -> bool:

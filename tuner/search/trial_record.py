@@ -10,11 +10,13 @@ from typing import Any
 
 from tuner.engine.log import FailureClass, environment_failure, memory_taken
 from tuner.search.objective import worst
-from tuner.search.stats import mean_ci
+from tuner.search.stats import mean_interval
 
 STATE_COMPLETE = "complete"  # the server ran and the load was measured
 STATE_FAILED = "failed"  # the server failed (class in ``failure``) or the load broke
-STATE_PRUNED = "pruned"  # a sampled candidate the bounds rule out: never launched
+STATE_PRUNED = "pruned"  # ruled out: by the bounds (never launched) or stopped early
+# The rule of a trial stopped after its capacity probe (``failure["rule"]``, state pruned).
+RULE_EARLY_STOP = "early_stop"
 
 
 def finite(value: Any) -> float | None:
@@ -134,6 +136,13 @@ class TrialRecord:
         return value if isinstance(value, str) and value else None
 
     @property
+    def stopped_early(self) -> bool:
+        """Launched, probed, and stopped there: its capacity could not reach the incumbent
+        (state pruned, ``failure["rule"]`` early_stop). Finished (a rerun skips it), counted
+        in the budget, never a finalist."""
+        return self.state == STATE_PRUNED and _dict(self.failure).get("rule") == RULE_EARLY_STOP
+
+    @property
     def failure_class(self) -> str | None:
         value = _dict(self.failure).get("class")
         return None if value is None else str(value)
@@ -158,19 +167,58 @@ class TrialRecord:
 
 
 @dataclass(frozen=True)
+class FinalistSample:
+    """One sample of a finalist: its ``value`` (the objective) and the load it was measured
+    at: ``rate`` req/s (None: closed loop) and ``concurrency`` (closed loop's streams).
+    ``step_down``: the chosen load missed the SLO, and this is the point one step down."""
+
+    value: float
+    rate: float | None = None
+    concurrency: int | None = None
+    step_down: bool = False
+
+    @classmethod
+    def of(cls, sample: FinalistSample | float) -> FinalistSample:
+        """A sample as it is; a bare number (a runner that reports values only) is a sample
+        at the chosen load, load not known."""
+        return sample if isinstance(sample, FinalistSample) else cls(float(sample))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "value": finite(self.value), "rate": finite(self.rate)}
+
+    @classmethod
+    def from_json(cls, data: Any, worst_value: float = 0.0) -> FinalistSample | None:
+        """None for anything but an object; a null value is ``worst_value``."""
+        if not isinstance(data, dict):
+            return None
+        value = finite(data.get("value"))
+        concurrency = data.get("concurrency")
+        return cls(
+            worst_value if value is None else value,
+            finite(data.get("rate")),
+            concurrency if type(concurrency) is int else None,
+            data.get("step_down") is True,
+        )
+
+
+@dataclass(frozen=True)
 class Finalist:
-    """A finalist re-measured ``n`` times (its first trial included): mean and a 95 % CI."""
+    """A finalist re-measured ``n`` times (its first trial included): mean and a 95 % CI,
+    whose low end is never below zero (:func:`tuner.search.stats.mean_interval`). ``runs``
+    (one per sample when known, else empty, and then not written) say at which load each
+    sample was taken."""
 
     name: str
     samples: tuple[float, ...]
     mean: float
     ci_low: float
     ci_high: float
+    runs: tuple[FinalistSample, ...] = ()
 
     @classmethod
-    def of(cls, name: str, samples: list[float]) -> Finalist:
-        mean, half = mean_ci(samples)
-        return cls(name, tuple(samples), mean, mean - half, mean + half)
+    def of(cls, name: str, samples: list[float], runs: tuple[FinalistSample, ...] = ()) -> Finalist:
+        mean, low, high = mean_interval(samples)
+        return cls(name, tuple(samples), mean, low, high, tuple(runs))
 
     def overlaps(self, other: Finalist) -> bool:
         return self.ci_low <= other.ci_high and other.ci_low <= self.ci_high
@@ -178,6 +226,9 @@ class Finalist:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["samples"] = list(self.samples)
+        data.pop("runs")
+        if self.runs:  # written when known: a record read from an older vtune keeps its keys
+            data["runs"] = [r.to_json() for r in self.runs]
         return data
 
     @classmethod
@@ -192,9 +243,12 @@ class Finalist:
             for v in listed
             if v is None or (isinstance(v, int | float) and not isinstance(v, bool))
         ]
+        raw_runs = data.get("runs")
+        read = [FinalistSample.from_json(r, worst_value) for r in raw_runs or []]
+        runs = tuple(r for r in read if r is not None) if isinstance(raw_runs, list) else ()
         figures = [data.get(k) for k in ("mean", "ci_low", "ci_high")]
         name = str(data.get("name", "?"))
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in figures):
-            return cls.of(name, samples)  # a record without the figures: recomputed
+            return cls.of(name, samples, runs)  # a record without the figures: recomputed
         mean, low, high = (float(v) for v in figures)
-        return cls(name, tuple(samples), mean, low, high)
+        return cls(name, tuple(samples), mean, low, high, runs)

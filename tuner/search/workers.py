@@ -11,11 +11,15 @@ whole study:
 - a finished measurement is never lost (:func:`tell_record`): when another worker failed the
   trial meanwhile (it saw this worker's heartbeat stand still for a grace period: a stopped
   process, a database that did not answer), the record goes into the study as a new trial.
+
+A finished trial also carries what ``optuna-dashboard`` shows a person (:func:`dashboard_attrs`:
+candidate, knobs, objective, SLO verdict) beside ``worker``/``worker_id`` (who measured it).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -38,14 +42,47 @@ def wait_for_others(study: Any, done: dict[str, TrialRecord]) -> bool:
     return True
 
 
+def dashboard_attrs(record: TrialRecord) -> dict[str, Any]:
+    """What a person reads of a measured trial in ``optuna-dashboard``, beside the full
+    ``record``: ``candidate``, ``knobs``, ``objective`` (the value measured, None when there is
+    none) and ``slo``: ``met`` (the chosen load point met the SLO, or there is none), ``not met``
+    (it ran, and no load point met it), ``stopped early`` (its capacity probe could not reach the
+    best so far) or ``failed`` (the candidate did not run through)."""
+    objective = record.objective
+    if objective is not None and not math.isfinite(objective):
+        objective = None  # Optuna keeps user attributes as JSON: no infinities
+    return {
+        "candidate": record.name,
+        "knobs": record.knobs,
+        "objective": objective,
+        "slo": slo_verdict(record),
+    }
+
+
+def slo_verdict(record: TrialRecord) -> str:
+    """``met``, ``not met``, ``stopped early`` or ``failed`` (:func:`dashboard_attrs`)."""
+    if record.stopped_early:
+        return "stopped early"
+    if record.state != STATE_COMPLETE:
+        return "failed"
+    search = record.rate_search or {}
+    index, points = search.get("best_index"), search.get("points")
+    if type(index) is not int or not isinstance(points, list) or not 0 <= index < len(points):
+        return "not met"
+    point = points[index]
+    return "met" if isinstance(point, dict) and point.get("slo_met", True) else "not met"
+
+
 def tell_record(study: Any, trial: Any, record: TrialRecord, values: Any) -> None:
     """Keep ``record`` in the study and end ``trial`` with it: complete with ``values``, or
     failed (with its failure class, and whether the environment failed). When the trial was
     failed by another worker meanwhile, the record goes into a new trial instead."""
     import optuna
 
-    attrs: dict[str, Any] = {"record": record.to_json()}
+    attrs: dict[str, Any] = {**dashboard_attrs(record), "record": record.to_json()}
     complete = record.state == STATE_COMPLETE
+    # A trial stopped after its capacity probe ends PRUNED, as Optuna's own pruners end one.
+    ended = optuna.trial.TrialState.PRUNED if record.stopped_early else optuna.trial.TrialState.FAIL
     if not complete:
         attrs.update(failure_class=record.failure_class, environment=record.environment_failure)
     try:
@@ -54,7 +91,7 @@ def tell_record(study: Any, trial: Any, record: TrialRecord, values: Any) -> Non
         if complete:
             study.tell(trial, values)
         else:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            study.tell(trial, state=ended)
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning(
             "trial %d (%s) was failed by another worker while it was measured; its record is "
@@ -63,7 +100,7 @@ def tell_record(study: Any, trial: Any, record: TrialRecord, values: Any) -> Non
             record.name,
         )
         kept = {k: v for k, v in trial.user_attrs.items() if k != "stale"}
-        state = optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.FAIL
+        state = optuna.trial.TrialState.COMPLETE if complete else ended
         study.add_trial(
             optuna.trial.create_trial(
                 state=state,
@@ -75,4 +112,4 @@ def tell_record(study: Any, trial: Any, record: TrialRecord, values: Any) -> Non
         )
 
 
-__all__ = ["WAIT_S", "tell_record", "wait_for_others"]
+__all__ = ["WAIT_S", "dashboard_attrs", "slo_verdict", "tell_record", "wait_for_others"]
