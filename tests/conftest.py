@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 import time
 import uuid
@@ -32,6 +33,11 @@ SERVER_KV_BYTES = 300_000_000  # deliberately not a whole number of 128-token bl
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)
+    if hasattr(config, "workerinput"):
+        # pytest-xdist starts its workers with SIGINT ignored, which every process a test
+        # starts would inherit (and vtune keeps an inherited SIG_IGN, as for nohup): a worker
+        # takes SIGINT as a plain pytest run does.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # A `vtune probe` cached on this machine would change every estimate: tests (and the
     # processes they start) read and write probe results in a scratch directory instead.
     os.environ.setdefault("VTUNE_PROBE_DIR", tempfile.mkdtemp(prefix="vtune-probe-"))

@@ -52,6 +52,7 @@ def search_argv(model: Path, out: Path, *extra: str) -> list[str]:
         "2",
         "--repeats",
         "1",
+        "--screen",  # a space this small is otherwise measured whole, as a grid
         "--out",
         str(out),
         *extra,
@@ -59,10 +60,14 @@ def search_argv(model: Path, out: Path, *extra: str) -> list[str]:
 
 
 def vllm_processes(ignore: frozenset[int] = frozenset()) -> list[int]:
-    """PIDs of vLLM processes, except ``ignore`` (e.g. the session's shared test server)."""
+    """PIDs of vLLM processes, except ``ignore`` (e.g. the session's shared test server) and
+    the fake engine's (fault tests beside this one under pytest-xdist run it through a guard
+    whose argv names vllm.entrypoints)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
+        if "fake-vllm-python" in cmd or "fake_vllm_process" in cmd:
+            continue
         if ("vllm.entrypoints" in cmd or "VLLM::" in cmd) and proc.pid not in ignore:
             found.append(proc.pid)
     return found

@@ -82,6 +82,21 @@ def _shm() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir()}
 
 
+def _shm_of_ours() -> set[str]:
+    """The /dev/shm files this module's processes have mapped or open (read just before the
+    signal): under pytest-xdist, fault tests beside this one make their own."""
+    names: set[str] = set()
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(MARK) != MARK_VALUE:
+                continue
+            paths = [m.path for m in proc.memory_maps()] + [f.path for f in proc.open_files()]
+        except psutil.Error:
+            continue
+        names |= {p.split("/dev/shm/", 1)[1].split()[0] for p in paths if "/dev/shm/" in p}
+    return names
+
+
 def _port(log: Path) -> int:
     match = re.search(r"--port (\d+)", log.read_text(errors="replace"))
     assert match, log.read_text()[-2000:]
@@ -102,7 +117,11 @@ def _under_load(port: int) -> bool:
 
 
 def _stopped_cleanly(
-    search: procs.Search, before_vllm: set[int], before_shm: set[str], took: float
+    search: procs.Search,
+    before_vllm: set[int],
+    before_shm: set[str],
+    took: float,
+    ours: set[str],
 ) -> None:
     ran = search.ended()
     assert ran.returncode == 143, ran.describe()
@@ -110,10 +129,16 @@ def _stopped_cleanly(
     assert LINE in ran.stderr.splitlines() and "Traceback" not in ran.stderr, ran.describe()
     procs.assert_gone(search.remember(), grace_s=20)
     assert not _vllm_pids() - before_vllm
+    beside = bool(os.environ.get("PYTEST_XDIST_WORKER"))  # other tests' files come and go
+
+    def left() -> set[str]:
+        new = _shm() - before_shm
+        return new & ours if beside else new
+
     deadline = time.monotonic() + 10
-    while _shm() - before_shm and time.monotonic() < deadline:
+    while left() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _shm() - before_shm, f"/dev/shm files left: {sorted(_shm() - before_shm)}"
+    assert not left(), f"/dev/shm files left: {sorted(left())}"
     assert not list(search.pdir.glob("cpu.study/*/trials/*.json"))  # the cut trial: not saved
 
 
@@ -153,10 +178,11 @@ def test_sigterm_to_pid_1_while_vllm_loads(tiny_model_dir: Path, tmp_path: Path)
         time.sleep(5)  # vLLM is importing and loading (about a minute in all)
         assert "Application startup complete" not in log.read_text(errors="replace")
         assert _vllm_pids() - before_vllm, "vLLM is not running"
+        ours = _shm_of_ours()
         _, took = search.signal(signal.SIGTERM)
     finally:
         search.kill()
-    _stopped_cleanly(search, before_vllm, before_shm, took)
+    _stopped_cleanly(search, before_vllm, before_shm, took, ours)
     _rerun_completes(tiny_model_dir, out)
 
 
@@ -172,8 +198,9 @@ def test_sigterm_to_pid_1_under_load(tiny_model_dir: Path, tmp_path: Path) -> No
             assert search.proc.poll() is None, search.ended().describe()
             search.remember()
             time.sleep(0.2)
+        ours = _shm_of_ours()
         _, took = search.signal(signal.SIGTERM)
     finally:
         search.kill()
-    _stopped_cleanly(search, before_vllm, before_shm, took)
+    _stopped_cleanly(search, before_vllm, before_shm, took, ours)
     _rerun_completes(tiny_model_dir, out)

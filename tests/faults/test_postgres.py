@@ -113,6 +113,7 @@ class Shared:
     late: sp.Ran
     late_s: float
     late_out: Path
+    trials_before_late: int
 
     def describe(self) -> str:
         return "\n".join(r.describe() for r in [*self.ended, self.late])
@@ -140,6 +141,9 @@ def shared(
         ended = [s.ended(timeout=240) for s in searches]
         print(f"search and worker ended after {time.monotonic() - t_start:.1f} s")
         late_out = tmp / "late"
+        # The two may have told a trial as a duplicate of a finished one (never measured):
+        # what the late worker must not add is counted from here.
+        trials_before_late = len(_trials(url, study))
         t0 = time.monotonic()
         late = sp.run(_worker_argv(url, study, late_out), env, timeout=120)
         late_s = time.monotonic() - t0
@@ -149,7 +153,9 @@ def shared(
     for search in searches:
         procs.assert_gone(search.remember())
     sp.assert_no_process_left(mark)
-    yield Shared(url, postgres.password, study, searches, ended, late, late_s, late_out)
+    yield Shared(
+        url, postgres.password, study, searches, ended, late, late_s, late_out, trials_before_late
+    )
 
 
 def _trials(url: str, study: str) -> list[Any]:
@@ -206,13 +212,15 @@ def test_a_worker_joining_a_finished_study_ends_at_once(shared: Shared) -> None:
     assert not list(shared.late_out.rglob("cpu.yaml"))
     assert not list(shared.late_out.rglob("cpu.json"))
     assert not list(shared.late_out.rglob("*.log")), "the late worker launched something"
-    assert len(_trials(shared.url, shared.study)) == len(CANDIDATES)  # it asked no trial
+    assert len(_trials(shared.url, shared.study)) == shared.trials_before_late  # it asked none
 
 
 def test_trials_carry_what_the_dashboard_shows(shared: Shared) -> None:
     for trial in _trials(shared.url, shared.study):
         attrs = trial.user_attrs
         assert attrs["candidate"] in CANDIDATES, attrs
+        if "duplicate_of" in attrs or "running_elsewhere" in attrs:
+            continue  # asked, found finished or running elsewhere: told at once, not measured
         assert isinstance(attrs["knobs"], dict), attrs
         assert attrs["objective"] > 0, attrs
         assert attrs["slo"] == "met", attrs
