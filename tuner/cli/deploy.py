@@ -252,16 +252,9 @@ def search_args(text: str, fixed: list[str]) -> list[str]:
 
 def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     """``argv`` less each of ``flags`` and its value (``--flag V`` or ``--flag=V``)."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in flags:
-            skip = True
-        elif not arg.startswith(tuple(f"{f}=" for f in flags)):
-            out.append(arg)
-    return out
+    from tuner.search.fleet import drop_options
+
+    return drop_options(argv, flags)
 
 
 def _vtune_image() -> str:

@@ -18,7 +18,7 @@ Running them, the parent and its children: :mod:`tuner.search.fleet_run`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
 from tuner.errors import ParameterError, VtuneError
@@ -256,14 +256,11 @@ def storage_line(prep: Prepared, workers: int) -> tuple[str, str]:
     return journal_url(path), f"study storage: journal file {path} ({workers} workers on one node)"
 
 
-def child_args(args: Sequence[str], slot: Slot, out: str, url: str) -> list[str]:
-    """The worker's ``vtune search`` arguments: ``args`` (the command as given) without the
-    options that are the parent's own (workers, devices, --out, storage, the metrics endpoint,
-    dry-run views), then the worker's: ``--workers 1 --devices <group> --out --storage`` and
-    its label. The metrics endpoint stays with the parent (its final phase serves it)."""
-    valued = {"--workers", "--devices", "--out", "--storage", "--fleet-worker"}
-    valued |= {"--metrics-port", "--metrics-host", "--pushgateway"}
-    flags = {"--dry-run", "--json", "--all"}
+def drop_options(
+    args: Sequence[str], valued: Collection[str], flags: Collection[str] = ()
+) -> list[str]:
+    """``args`` less each option of ``valued`` with its value (``--opt V`` or ``--opt=V``)
+    and each bare flag of ``flags``."""
     kept: list[str] = []
     skip = False
     for arg in args:
@@ -271,8 +268,19 @@ def child_args(args: Sequence[str], slot: Slot, out: str, url: str) -> list[str]
             skip = False
         elif arg in valued:
             skip = True
-        elif arg.split("=", 1)[0] not in valued | flags:
+        elif arg.split("=", 1)[0] not in {*valued, *flags}:
             kept.append(arg)
+    return kept
+
+
+def child_args(args: Sequence[str], slot: Slot, out: str, url: str) -> list[str]:
+    """The worker's ``vtune search`` arguments: ``args`` (the command as given) without the
+    options that are the parent's own (workers, devices, --out, storage, the metrics endpoint,
+    dry-run views), then the worker's: ``--workers 1 --devices <group> --out --storage`` and
+    its label. The metrics endpoint stays with the parent (its final phase serves it)."""
+    valued = {"--workers", "--devices", "--out", "--storage", "--fleet-worker"}
+    valued |= {"--metrics-port", "--metrics-host", "--pushgateway"}
+    kept = drop_options(args, valued, flags={"--dry-run", "--json", "--all"})
     return [
         *kept,
         *("--workers", "1", "--devices", ",".join(slot.devices)),
