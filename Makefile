@@ -39,10 +39,10 @@ demo: setup
 report: setup
 	$(VTUNE) report $(DEMO_OUT)/tiny-llama/cpu.json --out $(DEMO_OUT)/report
 
-# Lint, then every test: unit tests and the end-to-end tests against real vLLM CPU. Two
-# pytest-xdist workers: the real-vLLM tests in turn on one (tests/conftest.py), the rest beside.
+# Lint, then every test: unit tests and the end-to-end tests against real vLLM CPU, in two
+# pytest runs side by side: the real-vLLM tests in turn, the rest beside (scripts/test-all).
 test: setup system-packages lint
-	$(VENV)/bin/pytest -n 2 --dist loadgroup
+	PYTEST=$(VENV)/bin/pytest scripts/test-all
 
 test-unit: setup system-packages
 	$(VENV)/bin/pytest -m "not e2e"

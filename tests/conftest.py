@@ -112,10 +112,11 @@ def _leftover_vllm_processes() -> list[str]:
     return found
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``) every test that starts
-    real vLLM goes to one worker, one after another: two vLLM CPU servers at once on a small
-    machine would time each other out, while the unit and fake-engine tests fit beside one."""
+    """Under ``pytest -n N --dist loadgroup`` the tests that start real vLLM are meant for one
+    worker (two vLLM CPU servers at once on a small machine time each other out). ``make test``
+    does not rely on it: it runs them in a pytest run of their own (scripts/test-all)."""
     for item in items:
         if item.get_closest_marker("e2e") is not None:
             item.add_marker(pytest.mark.xdist_group("vllm"))
