@@ -33,10 +33,10 @@ SERVER_KV_BYTES = 300_000_000  # deliberately not a whole number of 128-token bl
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)
-    if hasattr(config, "workerinput"):
-        # pytest-xdist starts its workers with SIGINT ignored, which every process a test
-        # starts would inherit (and vtune keeps an inherited SIG_IGN, as for nohup): a worker
-        # takes SIGINT as a plain pytest run does.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # A pytest-xdist worker, or the run scripts/test-all starts in the background, begins
+        # with SIGINT ignored, which every process a test starts would inherit (and vtune keeps
+        # an inherited SIG_IGN, as for nohup): take SIGINT as a plain pytest run does.
         signal.signal(signal.SIGINT, signal.default_int_handler)
     # A `vtune probe` cached on this machine would change every estimate: tests (and the
     # processes they start) read and write probe results in a scratch directory instead.
