@@ -3,14 +3,14 @@
     .venv/bin/python benchmarks/search_efficiency.py [--model DIR] [--out DIR] [--budget N]
         [--referee N] [--reuse]
 
-Runs the same space twice on the tiny model: once as the full grid (every candidate measured,
-``--sampler grid --repeats 0``), once as vtune searches it by default (the baseline, the
-max_num_seqs screen in one launch, the analytic picks re-ordered by the screen and the online
-calibration, then TPE, with ``--budget`` trials, finalists re-measured). The space has 36
-candidates: max_num_seqs x max_num_batched_tokens x enable_prefix_caching, a knob vLLM CPU
-honours (its V1 engine caches prefixes on CPU too; each capacity probe cycles its request set,
-so repeats hit the cache). KV dtype fp8 does not run on CPU, and block size is tied to the CPU
-attention backend, so neither is in the space.
+Runs the same space twice on the tiny model: once as the full grid (every candidate measured in
+full: ``--sampler grid --repeats 0 --no-early-stop``), once as vtune searches it by default (the
+baseline, the max_num_seqs screen in one launch, the analytic picks re-ordered by the screen
+and the online calibration, then TPE, with ``--budget`` trials, finalists re-measured). The
+space has 36 candidates: max_num_seqs x max_num_batched_tokens x enable_prefix_caching, a knob
+vLLM CPU honours (its V1 engine caches prefixes on CPU too; each capacity probe cycles its
+request set, so repeats hit the cache). KV dtype fp8 does not run on CPU, and block size is tied
+to the CPU attention backend, so neither is in the space.
 
 One run prints:
 
@@ -273,7 +273,8 @@ def main() -> None:
     from tuner.tiny import build_tiny_model, default_tiny_model_dir
 
     model = build_tiny_model(args.model or default_tiny_model_dir())
-    grid_argv = search_argv(model, args.out / "grid", ["--sampler", "grid", "--repeats", "0"])
+    full = ["--sampler", "grid", "--repeats", "0", "--no-early-stop"]
+    grid_argv = search_argv(model, args.out / "grid", full)
     vt_argv = search_argv(model, args.out / "vtune", ["--budget", str(args.budget)])
     grid, grid_wall = run(grid_argv, args.out / "grid", args.reuse)
     vt, vt_wall = run(vt_argv, args.out / "vtune", args.reuse)
