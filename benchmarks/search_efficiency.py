@@ -6,16 +6,18 @@
 Runs the same space twice on the tiny model: once as the full grid (every candidate measured in
 full: ``--sampler grid --repeats 0 --no-early-stop``), once as vtune searches it by default (the
 baseline, the max_num_seqs screen in one launch, the analytic picks re-ordered by the screen
-and the online calibration, then TPE, with ``--budget`` trials, finalists re-measured). The
-space has 36 candidates: max_num_seqs x max_num_batched_tokens x enable_prefix_caching, a knob
-vLLM CPU honours (its V1 engine caches prefixes on CPU too; each capacity probe cycles its
-request set, so repeats hit the cache). KV dtype fp8 does not run on CPU, and block size is tied
-to the CPU attention backend, so neither is in the space.
+and the online calibration, then TPE, with ``--budget`` trials; the finalists' re-runs in the
+contending trials' own launches, ``--finalist-runs in-trial``). The space has 36 candidates:
+max_num_seqs x max_num_batched_tokens x enable_prefix_caching, a knob vLLM CPU honours (its V1
+engine caches prefixes on CPU too; each capacity probe cycles its request set, so repeats hit
+the cache). KV dtype fp8 does not run on CPU, and block size is tied to the CPU attention
+backend, so neither is in the space.
 
 One run prints:
 
 * engine time (each run's vLLM launches and measurements: every trial, the baseline
-  included, the finalists' re-runs, and the screen's launch) and the ratio vtune / grid;
+  included, the finalists' re-runs, and the screen's launch), vtune's split into those parts,
+  and the ratio vtune / grid;
 * regret: how far vtune's choice is from the grid's best, by the grid's single measurements,
   and by a referee: both candidates measured again, ``--referee`` rounds each, alternating,
   every round a fresh launch and a full trial, compared on the means with 95 % intervals
@@ -102,17 +104,23 @@ def run(argv: list[str], out: Path, reuse: bool) -> tuple[dict, float | None]:
 # --- the comparison (pure: two records in, figures out) -------------------------------------------
 
 
-def engine_time(record: dict[str, Any]) -> float:
-    """The engine seconds a search spent: its trials (the baseline included), the finalists'
-    re-runs and the screen's launch."""
+def engine_parts(record: dict[str, Any]) -> tuple[float, float, float]:
+    """The engine seconds a search spent on its trials (the baseline and in-trial finalist
+    re-runs included), its screen's launch, and its finalists' relaunches."""
     study = record.get("study") or {}
     screen = record.get("screen") or {}
     parts = (
         study.get("engine_time_s"),
-        study.get("finalist_engine_time_s"),
         screen.get("engine_time_s"),
+        study.get("finalist_engine_time_s"),
     )
-    return float(sum(p or 0.0 for p in parts))
+    trials, screened, finalists = (float(p or 0.0) for p in parts)
+    return trials, screened, finalists
+
+
+def engine_time(record: dict[str, Any]) -> float:
+    """The engine seconds a search spent, all parts (:func:`engine_parts`)."""
+    return sum(engine_parts(record))
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,8 @@ class Comparison:
 
     grid_engine_s: float
     vtune_engine_s: float
+    grid_parts: tuple[float, float, float]  # trials, screen, finalist relaunches
+    vtune_parts: tuple[float, float, float]
     grid_best: str
     chosen: str | None
     grid_values: dict[str, float]
@@ -172,6 +182,8 @@ def compare(grid: dict[str, Any], vt: dict[str, Any]) -> Comparison:
     return Comparison(
         grid_engine_s=engine_time(grid),
         vtune_engine_s=engine_time(vt),
+        grid_parts=engine_parts(grid),
+        vtune_parts=engine_parts(vt),
         grid_best=grid_best,
         chosen=vt.get("best"),
         grid_values=values,
@@ -202,6 +214,9 @@ def report(c: Comparison, walls: tuple[float | None, float | None] = (None, None
         f"{'':28s} {'grid':>18s} {'vtune':>18s}",
         f"{'candidates launched':28s} {c.measured[0]:18d} {c.measured[1]:18d}",
         f"{'engine time (s)':28s} {c.grid_engine_s:18.0f} {c.vtune_engine_s:18.0f}",
+        f"{'  of it: trials':28s} {c.grid_parts[0]:18.0f} {c.vtune_parts[0]:18.0f}",
+        f"{'  screen':28s} {c.grid_parts[1]:18.0f} {c.vtune_parts[1]:18.0f}",
+        f"{'  finalist relaunches':28s} {c.grid_parts[2]:18.0f} {c.vtune_parts[2]:18.0f}",
         f"{'wall time (s)':28s} {wall(walls[0]):>18s} {wall(walls[1]):>18s}",
         f"{'best candidate':28s} {c.grid_best:>18s} {chosen:>18s}",
         f"{'its grid objective':28s} {c.grid_values.get(c.grid_best, 0.0):18.0f} "
@@ -245,7 +260,7 @@ def referee(argv: list[str], names: list[str], rounds: int) -> dict[str, list[fl
     from tuner.search.trial import VllmTrialRunner
 
     prep = prepare(tune_config(argv))
-    runner = VllmTrialRunner(trial_setup(prep))
+    runner = VllmTrialRunner(replace(trial_setup(prep), in_trial_repeats=0))  # the trial alone
     planned = {p.name: p for p in prep.plan.all()}
     missing = [n for n in names if n not in planned]
     if missing:  # e.g. a reused grid from code that planned differently
@@ -265,7 +280,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="tiny model dir (built if absent)")
     parser.add_argument("--out", type=Path, default=Path("runs/search-efficiency"))
-    parser.add_argument("--budget", type=int, default=6, help="vtune's measured trials")
+    parser.add_argument(
+        "--budget", type=int, default=5, help="vtune's measured trials (the baseline included)"
+    )
     parser.add_argument("--referee", type=int, default=3, help="re-measurements of each pick")
     parser.add_argument("--reuse", action="store_true", help="keep finished grid/vtune runs")
     args = parser.parse_args()

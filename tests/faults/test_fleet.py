@@ -39,13 +39,15 @@ LINE = "vtune: interrupted by SIGTERM; finished trials are saved — rerun the s
 
 def _argv(model: Path, out: Path, *extra: str) -> list[str]:
     """Two workers, four candidates (goodput: no calibrated pruning; no early stop: each trial
-    is measured whole), one finalist re-run each."""
+    is measured whole), one finalist re-run each, relaunched by the parent after the trials
+    (``--finalist-runs relaunch``; in-trial re-runs are the workers' own trials')."""
     return [
         *(str(sp.VTUNE), "search", "--model", str(model), "--gpu", "cpu"),
         *("--slo", "ttft:p95<10s", "--objective", "goodput", "--no-early-stop"),
         *("--param", "max_num_seqs=2,4,8", "--input-len", "32", "--output-len", "16"),
         *("--kv-cache-memory-bytes", "2MiB", "--telemetry-period", "1"),  # light loads
         *("--seconds-per-point", "1", "--iterations", "0", "--repeats", "1", "--finalists", "2"),
+        *("--finalist-runs", "relaunch"),
         *("--startup-timeout", "60", "--vllm-python", str(sp.FAKE_VLLM_PYTHON)),
         *("--out", str(out), "--workers", "2"),
         *extra,

@@ -241,4 +241,9 @@ def test_the_progress_line_writes_the_objective_as_the_table_does():
     buf = StringIO()
     progress = SearchProgress(Console(width=100, file=buf))
     progress.on_trial_end(replace(trial("seqs64", 13856.0, 9.3), number=0))
-    assert "trial 0 seqs64: complete, objective 13,856" in buf.getvalue()
+    assert "trial 0 seqs64: complete, objective 13,856\n" in buf.getvalue()
+    runs = [{"value": 13500.0, "in_trial": True}, {"value": 12999.6, "in_trial": True}]
+    progress.on_trial_end(replace(trial("seqs64", 13856.0, 9.3), number=1, in_trial_runs=runs))
+    assert "trial 1 seqs64: complete, objective 13,856; re-run in its launch: 13,500, 13,000" in (
+        buf.getvalue()
+    )

@@ -215,6 +215,20 @@ def test_the_decided_record_is_a_consistent_search_record() -> None:
     assert data["decided"]["needs_relaunch"] == ["seqs64", "seqs16-tp2"]
     assert data["decided"]["previous_slo"] == OLD_SLO and data["decided"]["stored_data_only"]
     assert record_json()["trials"][0]["rate_search"]["best_index"] == 2  # source untouched
+    # The cost block is the new choice's, from its re-decided point, at the search's price.
+    assert data["cost"]["at"] == "vllm-defaults" and data["cost"]["source"] == "trial"
+    tokens = base.best["output_throughput"]
+    assert data["cost"]["output_tokens_per_s_per_gpu"] == pytest.approx(tokens)
+    assert data["cost"]["usd_per_1m_output_tokens"] is None  # the search had no price
+    searched = {"gpus_per_replica": 2, "output_tokens_per_s": 900.0, "gpu_hour_price": 4.0}
+    searched |= {"output_tokens_per_s_per_gpu": 450.0, "at": "seqs16-tp2"}
+    priced = {**record_json(), "cost": searched}
+    d = decide(SearchRecord.from_json(priced), parse_slo("ttft:p95<1s"))
+    cost = decided_record(SearchRecord.from_json(priced), d, "h100.json", None)["cost"]
+    tp2 = 20.0 * 128  # seqs16-tp2's closed-loop point: 20 req/s x 128 tokens, on 2 GPUs
+    assert cost["at"] == "seqs16-tp2" and cost["gpus_per_replica"] == 2
+    assert cost["output_tokens_per_s_per_gpu"] == pytest.approx(tp2 / 2)
+    assert cost["usd_per_1m_output_tokens"] == pytest.approx(2 * 4.0 * 1e6 / (tp2 * 3600))
 
 
 def test_cli_writes_the_new_profile_beside_the_record(

@@ -112,6 +112,19 @@ def test_html_is_escaped(record):
     assert "model: &lt;b&gt;" in page
 
 
+def test_the_outcome_shows_the_cost_block(record):
+    assert "class='cost'" not in render_html(typed(record), trial_views(typed(record)), {}, None)
+    cost = {"gpus_per_replica": 2, "output_tokens_per_s": 3000.0}
+    cost |= {"output_tokens_per_s_per_gpu": 1500.0, "gpu_hour_price": 4.1}
+    cost |= {"usd_per_1m_output_tokens": 2 * 4.1 * 1e6 / (3000.0 * 3600), "source": "trial"}
+    rec = typed({**record, "cost": cost})
+    page = render_html(rec, trial_views(rec), {}, None)
+    assert (
+        "<p class='cost'>Measured: 1,500 output tok/s per GPU (2 GPUs, trial); $0.76 per 1M "
+        "output tokens at $4.10/GPU-hour.</p>"
+    ) in page
+
+
 def minimal(trials: list[dict], **extra) -> dict:
     return {"schema": "vtune.search/1", "trials": trials, **extra}
 

@@ -6,6 +6,7 @@ import asyncio
 import math
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from tuner.measure.ratesearch import EarlyStop
 from tuner.plan.prune import Planned, Target, Variant, plan
 from tuner.plan.space import Candidate, Space
 from tuner.search import runner as runner_mod
+from tuner.search.finalist_runs import contends
 from tuner.search.record import (
     RULE_EARLY_STOP,
     STATE_COMPLETE,
@@ -41,7 +43,8 @@ class FakeRunner:
     (its objective) cannot reach the incumbent, by the trial runner's rule (EarlyStop).
     Finalists: ``zero`` re-run at 0 (missed the SLO a step down too), ``step`` held only a step
     down (90 %); ``same``: these max_num_seqs have equal settings (one launch); every launch
-    takes 100 s of ``now``."""
+    takes 100 s of ``now``. ``in_trial``: a contending trial (the trial runner's rule,
+    :func:`contends`) re-runs its point this many times in its own launch (1 % lower each)."""
 
     def __init__(
         self,
@@ -53,7 +56,9 @@ class FakeRunner:
         zero: set[int] = frozenset(),
         step: set[int] = frozenset(),
         same: set[int] = frozenset(),
+        in_trial: int = 0,
     ) -> None:
+        self.in_trial = in_trial
         self.fail, self.interrupt_after, self.noise = fail, interrupt_after, noise
         self.env, self.early, self.zero, self.step, self.same = env, early, zero, step, same
         self.measured: list[str] = []
@@ -109,6 +114,10 @@ class FakeRunner:
                 failure={"class": "OOM", "message": "out of memory"},
             )
         value = 100.0 * seqs
+        again = []
+        if self.in_trial and contends(value, incumbent, 0.15):
+            samples = (value * (1 - 0.01 * (i + 1)) for i in range(self.in_trial))
+            again = [FinalistSample(v, None, seqs, in_trial=True).to_json() for v in samples]
         return TrialRecord(
             planned.name,
             cand.knobs(),
@@ -117,6 +126,7 @@ class FakeRunner:
             number=number,
             baseline=cand.is_baseline,
             best={"output_throughput": value, "p95_tpot_ms": seqs / 10},
+            in_trial_runs=again,
         )
 
     def remeasure(
@@ -508,6 +518,66 @@ def test_the_interval_of_a_finalist_never_goes_below_zero_and_its_runs_read_back
     runs = (FinalistSample(4413.0, None, 8), FinalistSample(3900.0, None, 7, step_down=True))
     finalist = Finalist.of("x", [4413.0, 3900.0], runs)
     data = finalist.to_json()
-    assert data["runs"][1] == {"value": 3900.0, "rate": None, "concurrency": 7, "step_down": True}
+    assert data["runs"][1] == {
+        "value": 3900.0,
+        "rate": None,
+        "concurrency": 7,
+        "step_down": True,
+        "in_trial": False,
+    }
     assert Finalist.from_json(data) == finalist
     assert Finalist.from_json({**data, "runs": None}).runs == ()  # a record from before runs
+
+
+def test_contenders_rerun_in_their_own_launch_and_no_finalist_is_relaunched(
+    tmp_path: Path,
+) -> None:
+    runner = FakeRunner(in_trial=2)
+    settings = SearchSettings(finalists=3, repeats=2, early_stop_margin=None)
+    assert settings.in_trial_repeats == 2 and not settings.early_stop
+    search = make(tmp_path, (8, 120, 125), settings, runner)
+    search.clock = lambda: runner.now
+    result = search.run()
+    # The incumbent is given for in-trial re-runs even without early stop (not to the baseline).
+    assert runner.incumbents[0] is None and runner.incumbents[1:] == [12800.0] * 3
+    # 12,500 and 12,000 x 1.15 reach 12,800: contenders; 800 x 1.15 does not.
+    ran = {n: len(r.in_trial_samples) for n, r in result.records.items()}
+    assert ran == {"vllm-defaults": 2, "seqs125": 2, "seqs120": 2, "seqs8": 0}
+    assert runner.remeasured == [] and runner.groups == []  # no launch for the finalists
+    assert result.finalist_engine_time_s == 0.0
+    by_name = {f.name: f for f in result.finalists}
+    assert set(by_name) == {"vllm-defaults", "seqs125", "seqs120"}
+    top = by_name["vllm-defaults"]
+    assert top.samples == (12800.0, 12672.0, 12544.0)
+    assert [r.in_trial for r in top.runs] == [False, True, True]
+    assert [r.concurrency for r in top.runs][1:] == [128, 128]
+
+
+def test_a_finalist_without_in_trial_runs_is_relaunched(tmp_path: Path) -> None:
+    runner = FakeRunner(in_trial=2)
+    settings = SearchSettings(finalists=4, repeats=2)
+    result = make(tmp_path, (8, 120, 125), settings, runner).run()
+    assert runner.remeasured == ["seqs8"]  # not a contender when it ran, a finalist now
+    assert {f.name: len(f.samples) for f in result.finalists} == dict.fromkeys(
+        ("vllm-defaults", "seqs125", "seqs120", "seqs8"), 3
+    )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SearchSettings(finalists=3, repeats=2, finalist_runs="relaunch"),
+        SearchSettings(finalists=1, repeats=2),
+        SearchSettings(finalists=3, repeats=0),
+    ],
+    ids=["relaunch", "one-finalist", "no-repeats"],
+)
+def test_no_in_trial_runs_unless_finalists_are_rerun_in_trial(settings: SearchSettings) -> None:
+    assert settings.in_trial_repeats == 0
+    assert not replace(settings, early_stop_margin=None).ranks_incumbent
+
+
+def test_a_contender_is_within_the_margin_of_the_incumbent() -> None:
+    assert contends(100.0, None, 0.15)  # nothing to beat yet
+    assert contends(87.0, 100.0, 0.15) and not contends(86.0, 100.0, 0.15)
+    assert contends(120.0, 100.0, 0.0)

@@ -376,6 +376,28 @@ def test_a_trial_whose_probe_cannot_reach_the_incumbent_stops_after_it(
     assert runner._early_stop(1e9) is None
 
 
+def test_a_contending_trial_reruns_its_point_in_its_own_launch(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cls = _fake(monkeypatch)
+    runner = _runner(tiny_model_dir, tmp_path, slo=None)  # no SLO: the probe is the answer
+    runner.setup = replace(runner.setup, in_trial_repeats=2, early_stop_margin=None)
+    points: list[dict[str, Any]] = []
+    runner.observer = SimpleNamespace(on_point=lambda name, point: points.append(point))
+    record = runner.measure(0, _planned(), _variant(tiny_model_dir))  # no incumbent: contends
+    assert record.state == STATE_COMPLETE and record.objective is not None
+    runs = record.in_trial_samples
+    assert len(runs) == 2 and all(r.in_trial and r.value > 0 for r in runs)
+    assert all(r.concurrency == 4 and r.rate is None for r in runs)  # the probe's load again
+    assert len(points) == 3 and len(cls.instances) == 1  # probe + two re-runs, one launch
+    assert record.to_json()["in_trial_runs"] == [r.to_json() for r in runs]
+    # Far below the incumbent (early stop off: it completes): not a contender, no re-runs.
+    far = runner.measure(1, _planned(), _variant(tiny_model_dir), incumbent=1e9)
+    assert far.state == STATE_COMPLETE and far.in_trial_runs == []
+    assert "in_trial_runs" not in far.to_json()  # the record keeps its older keys
+    assert all(server.stopped for server in cls.instances)
+
+
 # --- the re-run rounds and launch sharing, without a server ---------------------------------------
 
 

@@ -57,9 +57,11 @@ class SearchProgress:
         self.progress.advance(self.task)
         value = num(trial.objective)  # as the final table writes it: 13,856, not 1.386e+04
         failure = (trial.failure or {}).get("class") or (trial.failure or {}).get("rule")
+        again = [num(s.value) for s in trial.in_trial_samples]
         self.console.print(
             f"  trial {trial.number} {trial.name}: {trial.state}"
-            f"{' (' + failure + ')' if failure else ''}, objective {value}",
+            f"{' (' + failure + ')' if failure else ''}, objective {value}"
+            f"{'; re-run in its launch: ' + ', '.join(again) if again else ''}",
             highlight=False,
         )
 

@@ -125,6 +125,15 @@ class _SearchCommand(click.Command):
     help="Re-runs of each finalist (0: no noise check).",
 )
 @click.option(
+    "--finalist-runs",
+    type=click.Choice(["in-trial", "relaunch"]),
+    default="in-trial",
+    show_default=True,
+    help="Where finalists are re-run: in-trial = right after a contending trial's rate search, "
+    "in its own launch (no launch more); relaunch = a fresh launch per finalist after the "
+    "trials (also samples launch-to-launch variation).",
+)
+@click.option(
     "--early-stop-margin",
     type=float,
     default=0.15,
@@ -305,6 +314,7 @@ def _config(o: dict[str, Any]) -> Any:
         time_budget_s=o["time_budget"],
         finalists=o["finalists"],
         repeats=o["repeats"],
+        finalist_runs=o["finalist_runs"],
         early_stop_margin=None if o["no_early_stop"] else o["early_stop_margin"],
         sampler=o["sampler"],
         pareto=o["pareto"],

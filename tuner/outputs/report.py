@@ -20,6 +20,7 @@ from typing import Any
 from tuner.errors import ParameterError
 from tuner.files import atomic_write_text
 from tuner.outputs.views import TrialView, trial_views
+from tuner.search.cost import cost_line
 from tuner.search.profile import render_profile
 from tuner.search.record import SearchRecord, finite, load_record
 from tuner.search.record_parts import PlanInfo
@@ -155,6 +156,8 @@ def render_html(
         + (f" (<b>×{ratio:.2f}</b> over the baseline)" if ratio is not None else "")
         + ".</p>"
     )
+    if record.cost is not None:  # tokens/s per GPU and, with a price, $ per 1M output tokens
+        parts.append(f"<p class='cost'>{_e(cost_line(record.cost))}.</p>")
     parts.append(_noise_html(record))
 
     parts.append("<h2>Plots</h2>")

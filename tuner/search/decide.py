@@ -32,9 +32,11 @@ from tuner.measure.slo import Slo
 from tuner.plan.prune import Variant
 from tuner.plan.space import Candidate
 from tuner.plan.variants import serving_values
+from tuner.search.cost import cost_info
 from tuner.search.objective import OBJECTIVES, gain_ratio, is_better
 from tuner.search.profile import vllm_config
 from tuner.search.record import STATE_COMPLETE, SearchRecord, TrialRecord, finite
+from tuner.search.record_parts import CostInfo
 
 OK = "ok"  # the stored points answer the new SLO
 RELAUNCH = "relaunch"  # no stored point meets it: the answer lies below what was measured
@@ -240,7 +242,10 @@ def decided_record(
             "ratio": decision.gain,
         }
     data.pop("profile", None)
-    data.pop("cost", None)  # measured for the search's choice, not this one
+    data.pop("cost", None)  # the search's choice's; this choice's, from its stored point:
+    cost = _decided_cost(record, decision, data["trials"])
+    if cost is not None:
+        data["cost"] = cost.to_json()
     if profile is not None:
         data["profile"] = profile
     data["decided"] = {
@@ -252,6 +257,21 @@ def decided_record(
         "needs_relaunch": decision.needs_relaunch,
     }
     return data
+
+
+def _decided_cost(
+    record: SearchRecord, decision: Decision, trials: list[dict[str, Any]]
+) -> CostInfo | None:
+    """The cost block of the re-decided choice (:func:`tuner.search.cost.cost_info`): its
+    re-decided chosen point (source ``trial``: no finalist re-ran under the new SLO), at the
+    search's price per GPU-hour."""
+    chosen = next((t for t in trials if t.get("name") == decision.best), None)
+    if chosen is None:
+        return None
+    price = record.cost.gpu_hour_price if record.cost is not None else None
+    on_cpu = (record.gpu.name or "").lower() == "cpu"
+    best = TrialRecord.from_json(chosen)
+    return cost_info(decision.objective, best, (), record.fixed_settings, on_cpu, price)
 
 
 def decided_header(

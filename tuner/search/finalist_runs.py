@@ -67,23 +67,27 @@ async def repeat_rounds(
     *,
     step: bool = True,
     warmup: int = 0,
+    offset: int = 0,
+    in_trial: bool = False,
 ) -> dict[str, list[FinalistSample]]:
     """``repeats`` rounds over ``loads`` (finalist name -> its chosen load), each finalist in
     turn within a round, so that a drift over the launch falls on all of them alike; the first
     point carries ``warmup`` requests. With ``step``, a run that misses the SLO is followed by
     one step down (:func:`~tuner.measure.ratesearch.measure_held`), whose value is that
     repeat's sample when it holds; only a step down that fails too scores as a miss (0 tokens/s).
-    Without (the latency objective, measured at its fixed rate) each load is measured once."""
-    offset = 0
+    Without (the latency objective, measured at its fixed rate) each load is measured once.
+    ``offset``: where in the request pool the rounds start (in a trial's launch: past what its
+    rate search sent, so that a prefix cache sees new prompts); ``in_trial`` marks the samples."""
+    sent = 0
     samples: dict[str, list[FinalistSample]] = {name: [] for name in loads}
     for _ in range(repeats):
         for name, load in loads.items():
 
             async def at(point: LoadPoint, name: str = name) -> RatePoint:
-                nonlocal offset
-                extra = warmup if offset == 0 else 0
-                measured = await measure(name, point, extra, offset)
-                offset += point.num_requests + extra
+                nonlocal sent
+                extra = warmup if sent == 0 else 0
+                measured = await measure(name, point, extra, offset + sent)
+                sent += point.num_requests + extra
                 return measured
 
             first, lower = await measure_held(at, load, rate) if step else (await at(load), None)
@@ -97,10 +101,21 @@ async def repeat_rounds(
             rate_of = None if math.isinf(held.load.rate) else held.load.rate
             samples[name].append(
                 FinalistSample(
-                    value_of(single), rate_of, held.load.concurrency, step_down=lower is not None
+                    value_of(single),
+                    rate_of,
+                    held.load.concurrency,
+                    step_down=lower is not None,
+                    in_trial=in_trial,
                 )
             )
     return samples
+
+
+def contends(value: float, incumbent: float | None, margin: float) -> bool:
+    """Whether a trial's ``value`` may still be a finalist: within ``margin`` (the noise) of
+    the best so far; always when there is no incumbent (the first trial, the baseline, an
+    objective without one)."""
+    return incumbent is None or value * (1.0 + margin) >= incumbent
 
 
 def failed_samples(
@@ -148,6 +163,7 @@ def launch_groups(
 
 __all__ = [
     "chosen_load",
+    "contends",
     "failed_samples",
     "launch_groups",
     "launch_key",

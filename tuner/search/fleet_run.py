@@ -239,8 +239,9 @@ def run_worker(prep: Prepared, plan: FleetPlan | None, label: str, echo: Echo) -
     if plan is not None:
         pin(prep, plan.slots[0])
     study_mod.HOST = f"{socket.gethostname()}/{label}"
-    # Finalists: the parent's, once. No max_num_seqs screen: each worker would launch its own
-    # (the screen's result is not shared across workers yet).
+    # Finalists: the parent's, once (a contender's in-trial re-runs are the worker's own trial,
+    # trial_setup keeps them). No max_num_seqs screen: each worker would launch its own (the
+    # screen's result is not shared across workers yet).
     settings = replace(prep.config.settings, repeats=0, screen=False)
     lines = TrialLines(echo)
     observer = Fanout([lines])  # the hooks it does not have are skipped

@@ -26,7 +26,11 @@ class SearchSettings:
     clock for the trial phase. ``early_stop_margin``: a trial whose capacity probe, raised
     by this fraction (the measured run-to-run noise), stays below the best objective so far
     stops there (:class:`tuner.measure.ratesearch.EarlyStop`; objectives throughput and
-    goodput, not the Pareto study); None: never."""
+    goodput, not the Pareto study); None: never. ``finalist_runs``: where the finalists'
+    ``repeats`` re-runs are measured: ``in-trial`` (right after a trial's rate search, in its
+    own launch, when it is a contender: within the margin of the best so far) or ``relaunch``
+    (a fresh launch per finalist after the trials; a finalist without in-trial runs is
+    relaunched in either mode)."""
 
     objective: str = "throughput"
     budget: int | None = None
@@ -40,6 +44,22 @@ class SearchSettings:
     # Screen max_num_seqs inside one launch after the baseline (tuner.search.screen); None:
     # on when a sampler drives the search, off for a grid (which measures everything anyway).
     screen: bool | None = None
+    finalist_runs: str = "in-trial"  # in-trial | relaunch
+
+    @property
+    def in_trial_repeats(self) -> int:
+        """Re-runs a contending trial measures in its own launch (0: none): the finalists'
+        ``repeats``, when finalists are re-measured at all and in-trial."""
+        if self.finalist_runs != "in-trial" or self.finalists < 2:
+            return 0
+        return self.repeats
+
+    @property
+    def ranks_incumbent(self) -> bool:
+        """Whether a trial is given the best objective so far: for early stop, or to decide
+        whether it contends (in-trial re-runs); only a maximised single objective has one."""
+        single = not self.pareto and self.objective in EARLY_STOP_OBJECTIVES
+        return single and (self.early_stop or self.in_trial_repeats > 0)
 
     @property
     def early_stop(self) -> bool:

@@ -160,7 +160,8 @@ def trial_setup(prep: Prepared) -> TrialSetup:
         ),
         endpoint=cfg.endpoint,
         watch=watch_for(prep),
-        early_stop_margin=cfg.settings.early_stop_margin or 0.0,
+        early_stop_margin=cfg.settings.early_stop_margin if cfg.settings.early_stop else None,
+        in_trial_repeats=cfg.settings.in_trial_repeats,
     )
 
 

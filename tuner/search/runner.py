@@ -270,14 +270,15 @@ class Search:
 
     def _incumbent(self, done: dict[str, TrialRecord]) -> float | None:
         """The best objective measured so far, which a trial's capacity probe must be able to
-        reach (``SearchSettings.early_stop``); None when trials never stop early.
+        reach (``SearchSettings.early_stop``) and its value come near to for in-trial re-runs;
+        None when neither applies (``SearchSettings.ranks_incumbent``).
 
         A plain threshold, not Optuna's pruner interface: its pruners compare a trial's
         intermediate values step by step with other trials' at the same step, while this rule
         compares one figure (the probe's, an upper bound of the objective) with the
         incumbent's final objective, inside the measuring (which has no Optuna trial). The
         trial still ends PRUNED, with the probe reported as its value at step 0."""
-        if not self.settings.early_stop:
+        if not self.settings.ranks_incumbent:
             return None
         best = max((r.objective or 0.0 for r in self._ranked(done)), default=0.0)
         return best or None
@@ -336,6 +337,13 @@ class Search:
         objective, repeats = self.settings.objective, self.settings.repeats
         saved = {r.name: self.store.load_samples(r.name, objective) for r in ranked}
         runs = {r.name: self.store.load_runs(r.name, objective) for r in ranked}
+        for (
+            r
+        ) in ranked:  # re-run in the trial's own launch: no launch here (its time is the trial's)
+            if saved[r.name] is None and len(r.in_trial_samples) >= repeats:
+                runs[r.name] = (trial_sample(r), *r.in_trial_samples[:repeats])
+                saved[r.name] = ([x.value for x in runs[r.name]], 0.0)
+                self.store.save_samples(r.name, *saved[r.name], runs[r.name])
         # Finalists whose settings are equal (vLLM's defaults, and a candidate setting a knob
         # to its default) are re-measured in one launch, their points in turn.
         todo = [r for r in ranked if saved[r.name] is None]

@@ -11,8 +11,9 @@ scoring 0; a load point whose requests all got the same client error (4xx) ends 
 Given the incumbent (the best objective so far), a trial whose capacity probe cannot reach it
 stops there: state pruned, ``failure`` ``{"rule": "early_stop", "reason": ...}``, the probe kept
 (:class:`tuner.measure.ratesearch.EarlyStop`). Finalists are re-measured at their chosen load,
-one step down when a run misses the SLO (:func:`tuner.measure.ratesearch.measure_held`), several
-finalists with equal settings in one launch (:meth:`VllmTrialRunner.remeasure_group`).
+one step down when a run misses the SLO (:func:`tuner.measure.ratesearch.measure_held`): in
+the trial's own launch right after its rate search when it contends (``in_trial_repeats``),
+else relaunched, several finalists with equal settings in one launch (``remeasure_group``).
 """
 
 from __future__ import annotations
@@ -21,33 +22,29 @@ import asyncio
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
-from tuner.engine.log import FailureClass, redact_argv
-from tuner.engine.server import EngineSettings, LaunchConfig, ServerStartError, VllmServer
+from tuner.engine.log import redact_argv
+from tuner.engine.server import EngineSettings, ServerStartError, VllmServer
 from tuner.engine.settings import served_api_key
 from tuner.load.generator import LoadConfig
 from tuner.load.workload import load_tokenizer
-from tuner.measure.bench import WorkloadSpec, build_requests, measure
+from tuner.measure.bench import build_requests, measure
 from tuner.measure.ratesearch import (
     EarlyStop,
     LoadPoint,
     RatePoint,
-    RateSearchConfig,
     RateSearchResult,
     find_max_rate,
     objective_value,
 )
 from tuner.measure.session import ServerDied, launched, run_watched
-from tuner.measure.slo import Slo
-from tuner.measure.watch import WatchPlan
 from tuner.plan.prune import Planned, Variant, feasible_concurrency
 from tuner.plan.space import Candidate
 from tuner.plan.variants import serving_values
 from tuner.search.events import Fanout
-from tuner.search.finalist_runs import chosen_load, failed_samples, repeat_rounds
+from tuner.search.finalist_runs import chosen_load, contends, failed_samples, repeat_rounds
 from tuner.search.order import EARLY_STOP_MARGIN, EARLY_STOP_OBJECTIVES
 from tuner.search.record import (
     RULE_EARLY_STOP,
@@ -57,37 +54,17 @@ from tuner.search.record import (
     FinalistSample,
     TrialRecord,
 )
+from tuner.search.requests_failed import (
+    REQUESTS_FAILED,
+    RequestsFailed,
+    all_failed,
+    client_errors,
+)
+from tuner.search.trial_setup import TrialSetup
 
 # Requests built once per search and reused (cycled) by every measurement.
 REQUEST_POOL = 512
 WARMUP_REQUESTS = 4
-# The failure class of a trial in which every request failed (an environment failure: retried).
-REQUESTS_FAILED = FailureClass.REQUESTS_FAILED.value
-
-
-class RequestsFailed(Exception):
-    """Every request of the trial failed; ``str()`` says how (the status seen, the counts)."""
-
-
-@dataclass(frozen=True)
-class TrialSetup:
-    """What every trial of a search shares: workload, SLO, objective, how vLLM starts, and the
-    settings fixed for all candidates (e.g. max_model_len, kv_cache_memory_bytes, extra flags)."""
-
-    tokenizer: str
-    workload: WorkloadSpec
-    launch: LaunchConfig
-    log_dir: Path
-    slo: Slo | None = None
-    objective: str = "throughput"
-    latency_rate: float | None = None  # objective "latency": the rate to measure at
-    latency_stat: tuple[str, str] = ("tpot", "p95")
-    fixed: Mapping[str, Any] = field(default_factory=dict)
-    rate: RateSearchConfig = field(default_factory=lambda: RateSearchConfig(concurrency=1))
-    endpoint: str = "completions"
-    request_timeout_s: float = 120.0
-    watch: WatchPlan | None = None  # telemetry and roofline of every point (None: not watched)
-    early_stop_margin: float = EARLY_STOP_MARGIN  # SearchSettings.early_stop_margin
 
 
 class VllmTrialRunner:
@@ -131,10 +108,10 @@ class VllmTrialRunner:
                 )
                 concurrency = self._concurrency(planned)
                 early = self._early_stop(incumbent)
-                result = run_watched(
+                result, again = run_watched(
                     server,
-                    lambda stop: self._search(
-                        server, planned.name, concurrency, stop, points, early
+                    lambda stop: self._trial(
+                        server, planned.name, concurrency, stop, points, early, incumbent
                     ),
                 )
         except ServerStartError as exc:
@@ -194,6 +171,7 @@ class VllmTrialRunner:
             rate_search=result.to_json(),
             best=best,
             engine_time_s=time.monotonic() - t0,
+            in_trial_runs=[sample.to_json() for sample in again],
             finished_at=_now(),
         )
 
@@ -289,9 +267,34 @@ class VllmTrialRunner:
     def _early_stop(self, incumbent: float | None) -> EarlyStop | None:
         """The early stop this trial runs under: with an incumbent that measured something,
         for an objective the capacity probe bounds from above (throughput, goodput)."""
-        if not incumbent or self.setup.objective not in EARLY_STOP_OBJECTIVES:
+        margin = self.setup.early_stop_margin
+        if not incumbent or margin is None or self.setup.objective not in EARLY_STOP_OBJECTIVES:
             return None
-        return EarlyStop(incumbent, self.setup.early_stop_margin, self.setup.objective)
+        return EarlyStop(incumbent, margin, self.setup.objective)
+
+    async def _trial(
+        self,
+        server: VllmServer,
+        name: str,
+        concurrency: int,
+        stop: asyncio.Event,
+        points: list[RatePoint],
+        early: EarlyStop | None,
+        incumbent: float | None,
+    ) -> tuple[RateSearchResult, list[FinalistSample]]:
+        """The rate search, then, for a contender (:func:`contends`), its chosen load re-run
+        ``in_trial_repeats`` times in this launch: the finalist samples a relaunch would cost."""
+        result = await self._search(server, name, concurrency, stop, points, early)
+        margin = self.setup.early_stop_margin or EARLY_STOP_MARGIN
+        value = None if result.best is None else self._objective(result)
+        if not self.setup.in_trial_repeats or value is None or result.stopped_early:
+            return result, []
+        if not contends(value, incumbent, margin):
+            return result, []
+        sent = WARMUP_REQUESTS + sum(p.load.num_requests for p in points)
+        loads = {name: result.best.load}  # type: ignore[union-attr]
+        runs = await self._repeat(server, loads, self.setup.in_trial_repeats, stop, sent)
+        return result, runs[name]
 
     async def _search(
         self,
@@ -311,8 +314,8 @@ class VllmTrialRunner:
             point = await self._point(server, name, load, warmup, counter["offset"], stop)
             counter["offset"] += load.num_requests + warmup
             points.append(point)
-            if point.summary.completed == 0 and _client_errors(point.summary.errors):
-                raise RequestsFailed(_all_failed(points))  # more of the same measures nothing
+            if point.summary.completed == 0 and client_errors(point.summary.errors):
+                raise RequestsFailed(all_failed(points))  # more of the same measures nothing
             return point
 
         if self.setup.objective == "latency":
@@ -320,7 +323,7 @@ class VllmTrialRunner:
             load = LoadPoint(rate, None, self.setup.rate.requests_for(rate))
             point = await measure_at(load)
             if not point.summary.completed and point.summary.failed:
-                raise RequestsFailed(_all_failed(points))
+                raise RequestsFailed(all_failed(points))
             return RateSearchResult(
                 (point,),
                 point,
@@ -330,7 +333,7 @@ class VllmTrialRunner:
         cfg = replace(self.setup.rate, concurrency=concurrency)
         result = await find_max_rate(measure_at, self.setup.slo, cfg, early)
         if points and not any(p.summary.completed for p in points):
-            raise RequestsFailed(_all_failed(points))
+            raise RequestsFailed(all_failed(points))
         return result
 
     async def _repeat(
@@ -339,17 +342,28 @@ class VllmTrialRunner:
         loads: Mapping[str, LoadPoint],
         repeats: int,
         stop: asyncio.Event,
+        offset: int = 0,
     ) -> dict[str, list[FinalistSample]]:
         """The finalists' rounds of re-runs in this launch (:func:`repeat_rounds`); the
         latency objective is measured at its fixed rate only: a step down would change what
-        it measures."""
+        it measures. ``offset``: a trial's own re-runs start past its rate search's requests
+        (the server is warm then: no warm-up)."""
 
         async def at(name: str, load: LoadPoint, warmup: int, offset: int) -> RatePoint:
             return await self._point(server, name, load, warmup, offset, stop)
 
         step = self.setup.objective != "latency"
+        warmup = 0 if offset else WARMUP_REQUESTS
         return await repeat_rounds(
-            at, loads, repeats, self.setup.rate, self._objective, step=step, warmup=WARMUP_REQUESTS
+            at,
+            loads,
+            repeats,
+            self.setup.rate,
+            self._objective,
+            step=step,
+            warmup=warmup,
+            offset=offset,
+            in_trial=bool(offset),
         )
 
     def _objective(self, result: RateSearchResult) -> float:
@@ -360,26 +374,6 @@ class VllmTrialRunner:
         metric, stat = self.setup.latency_stat
         value = result.best.summary.stat(metric, stat)
         return math.inf if value is None else value * 1000.0
-
-
-def _client_errors(errors: Mapping[str, int]) -> bool:
-    """Whether every error is an HTTP client error (4xx): the server refuses these requests
-    as they are (no key, wrong model or path), whatever the load."""
-    return bool(errors) and all(kind.startswith("HTTP 4") for kind in errors)
-
-
-def _all_failed(points: Sequence[RatePoint]) -> str:
-    """``every request failed: HTTP 401 Unauthorized (24 of 24)``: the most common error (its
-    status line, without the body) and the counts over ``points``."""
-    counts: dict[str, int] = {}
-    for point in points:
-        for kind, n in point.summary.errors.items():
-            head = kind.split(": ", 1)[0] if kind.startswith("HTTP ") else kind
-            counts[head] = counts.get(head, 0) + n
-    failed = sum(p.summary.failed for p in points)
-    total = failed + sum(p.summary.completed for p in points)
-    seen = max(counts, key=lambda k: counts[k]) if counts else "no reply"
-    return f"every request failed: {seen} ({failed} of {total})"
 
 
 def _failure_json(failure: Any) -> dict[str, Any]:

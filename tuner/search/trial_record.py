@@ -65,9 +65,21 @@ class TrialRecord:
     log_path: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    # A contender's re-runs of its chosen load in its own launch, right after the rate search
+    # (``--finalist-runs in-trial``): FinalistSample.to_json() each; empty when none were run.
+    in_trial_runs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.in_trial_runs:  # written when run: a record from an older vtune keeps its keys
+            data.pop("in_trial_runs")
+        return data
+
+    @property
+    def in_trial_samples(self) -> tuple[FinalistSample, ...]:
+        """:attr:`in_trial_runs` read back (its finalist samples; unreadable entries dropped)."""
+        read = (FinalistSample.from_json(r) for r in self.in_trial_runs or [])
+        return tuple(r for r in read if r is not None)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrialRecord:
@@ -170,12 +182,15 @@ class TrialRecord:
 class FinalistSample:
     """One sample of a finalist: its ``value`` (the objective) and the load it was measured
     at: ``rate`` req/s (None: closed loop) and ``concurrency`` (closed loop's streams).
-    ``step_down``: the chosen load missed the SLO, and this is the point one step down."""
+    ``step_down``: the chosen load missed the SLO, and this is the point one step down.
+    ``in_trial``: measured in the trial's own launch right after its rate search (no relaunch,
+    so launch-to-launch variation is not in it)."""
 
     value: float
     rate: float | None = None
     concurrency: int | None = None
     step_down: bool = False
+    in_trial: bool = False
 
     @classmethod
     def of(cls, sample: FinalistSample | float) -> FinalistSample:
@@ -198,6 +213,7 @@ class FinalistSample:
             finite(data.get("rate")),
             concurrency if type(concurrency) is int else None,
             data.get("step_down") is True,
+            data.get("in_trial") is True,
         )
 
 
