@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,6 +33,7 @@ from tuner.search.screen import (
 )
 from tuner.search.screen_run import (
     ScreenFailed,
+    ScreenMeasured,
     ScreenPoint,
     ScreenRun,
     faithfulness,
@@ -39,7 +41,7 @@ from tuner.search.screen_run import (
     spearman,
     vllm_screen,
 )
-from tuner.search.study import open_study, storage_url
+from tuner.search.study import finished_records, open_study, storage_url
 from tuner.specs.gpu import get_gpu
 from tuner.specs.model import load_model
 
@@ -219,7 +221,9 @@ def test_the_vllm_screen_is_one_launch_largest_first(tmp_path: Path, monkeypatch
     assert group is not None
     variant = target.variants["none"]
     runner = PointRunner(tmp_path, target)
-    points = vllm_screen(runner, group.members, variant)
+    got = vllm_screen(runner, group.members, variant)
+    points = got.points
+    assert got.trial is None  # this runner cannot run a trial in the launch
     assert launches == [("vllm-defaults", tmp_path / "screen-vllm-defaults.log")]
     assert [p.concurrency for p in points] == [128, 64, 16, 4]
     assert points[0].output_throughput == 1280.0 and points[0].p95_ttft_ms == 5.0
@@ -295,6 +299,33 @@ def test_a_resumed_search_reuses_the_screen(tmp_path: Path) -> None:
     assert again.screens == []  # read back, not measured twice
     assert again.measured == ["seqs64", "seqs32"]
     assert result.screen is not None and set(result.screen.pruned) == {"seqs4", "seqs8", "seqs16"}
+
+
+class LaunchTrialRunner(ScreeningRunner):
+    """A ScreeningRunner whose screen also runs its launched candidate's trial (4 s)."""
+
+    def screen(self, group: list[Planned], variant: Variant) -> ScreenMeasured:
+        points = super().screen(group, variant)
+        trial = super().measure(-1, group[0], variant)
+        self.measured.pop()  # measured in the screen's launch, not launched for it
+        return ScreenMeasured(points, replace(trial, engine_time_s=4.0))
+
+
+def test_the_trial_run_in_the_screens_launch_is_recorded_not_relaunched(tmp_path: Path) -> None:
+    runner = LaunchTrialRunner(cpu_target())
+    s = search(tmp_path, LADDER, runner, budget=4, sampler="tpe")
+    result = s.run()
+    assert len(runner.screens) == 1 and "seqs170" not in runner.measured
+    record = result.records["seqs170"]
+    assert record.state == STATE_COMPLETE and record.number is not None and record.number > 0
+    assert record.engine_time_s == 4.0
+    # It comes first after the screen and counts in the budget (the baseline, it, two more).
+    assert runner.measured == ["vllm-defaults", "seqs64", "seqs32"]
+    assert "seqs170" in finished_records(s.study)  # an Optuna trial like any other
+    # A resumed search reads it back with the screen: nothing is measured again.
+    again = LaunchTrialRunner(cpu_target())
+    search(tmp_path, LADDER, again, budget=4, sampler="tpe").run()
+    assert again.measured == [] and again.screens == []
 
 
 def test_a_grid_does_not_screen_unless_asked(tmp_path: Path) -> None:
@@ -378,6 +409,41 @@ def test_probe_capacity_is_the_first_closed_loop_point() -> None:
     record = TrialRecord("x", {}, STATE_COMPLETE, rate_search={"points": points[::-1]})
     assert probe_capacity(record) == 640.0
     assert probe_capacity(None) is None
+
+
+class TrialPointRunner(PointRunner):
+    """A PointRunner that also runs the launched candidate's trial in the screen's launch."""
+
+    def __init__(self, tmp_path: Path, target: Target) -> None:
+        super().__init__(tmp_path, target)
+        self.trials: list[tuple[str, int]] = []
+
+    async def trial_in_launch(self, server, planned, variant, stop, offset) -> TrialRecord:  # type: ignore[no-untyped-def]
+        self.trials.append((planned.name, offset))
+        knobs = planned.candidate.knobs()
+        return TrialRecord(planned.name, knobs, STATE_COMPLETE, objective=7.0, engine_time_s=3.0)
+
+
+def test_the_screens_launch_runs_the_launched_candidates_trial_after_the_rungs(
+    tmp_path: Path, monkeypatch
+) -> None:
+    @contextlib.contextmanager
+    def launched(settings, launch, log_path):  # type: ignore[no-untyped-def]
+        yield SimpleNamespace()
+
+    monkeypatch.setattr(screen_run, "launched", launched)
+    monkeypatch.setattr(screen_run, "run_watched", lambda s, work: asyncio.run(work(None)))
+    target = cpu_target()
+    group = screened_group(plan(Space({"max_num_seqs": (4, 16, 256)}), target), target)
+    assert group is not None and group.launch.name == "seqs170"  # 256 capped by the KV cache
+    runner = TrialPointRunner(tmp_path, target)
+    got = vllm_screen(runner, group.members, target.variants["none"])
+    assert [p.concurrency for p in got.points] == [170, 128, 16, 4]
+    # After the rungs, past the requests they sent (the last rung's offset + its requests).
+    last = runner.calls[-1][2] + max(runner.setup.rate.min_requests, 2 * 4)
+    assert runner.trials == [("seqs170", last)] and last > 340 + 256 + 32
+    assert got.trial is not None and got.trial.objective == 7.0
+    assert vllm_screen(runner, group.members, target.variants["none"], trial=False).trial is None
 
 
 def test_a_saved_screen_is_read_back_only_for_the_same_ladder(tmp_path: Path) -> None:

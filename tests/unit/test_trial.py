@@ -398,6 +398,27 @@ def test_a_contending_trial_reruns_its_point_in_its_own_launch(
     assert all(server.stopped for server in cls.instances)
 
 
+def test_the_screens_launch_measures_the_largest_members_trial_after_its_rungs(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tuner.search.screen_run import vllm_screen
+
+    cls = _fake(monkeypatch)
+    runner = _runner(tiny_model_dir, tmp_path, slo=None)
+    runner.setup = replace(runner.setup, in_trial_repeats=1)
+    two = Planned(Candidate(max_num_seqs=2), 1.0, 100_000, 4.0, None, 1)
+    got = vllm_screen(runner, [_planned(), two], _variant(tiny_model_dir))
+    assert [p.concurrency for p in got.points] == [4, 2]
+    trial = got.trial
+    assert trial is not None and trial.name == "seqs4" and trial.state == STATE_COMPLETE
+    assert trial.objective is not None and trial.objective > 0 and trial.number == -1
+    assert len(trial.in_trial_samples) == 1  # the first trial: a contender
+    assert trial.log_path == str(tmp_path / "screen-seqs4.log")
+    (server,) = cls.instances  # one launch for the rungs and the trial
+    assert server.stopped
+    assert 0 < trial.engine_time_s < time.monotonic() - server.t0  # the trial's part only
+
+
 # --- the re-run rounds and launch sharing, without a server ---------------------------------------
 
 

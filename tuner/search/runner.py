@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from tuner.engine import interrupt
@@ -287,7 +287,10 @@ class Search:
         variant = self.target.variants[planned.candidate.quantization or "none"]
         trial.set_user_attr("knobs", planned.candidate.knobs())
         self.observer.on_trial_start(trial.number, planned.name, planned.candidate.knobs())
-        if incumbent is None or planned.candidate.is_baseline:  # the gain needs it whole
+        screened = self.screen.launched_trial(planned.name)
+        if screened is not None:  # measured whole in the screen's launch, after its rungs
+            record = replace(screened, number=trial.number)
+        elif incumbent is None or planned.candidate.is_baseline:  # the gain needs it whole
             record = self.runner.measure(trial.number, planned, variant)
         else:
             record = self.runner.measure(trial.number, planned, variant, incumbent=incumbent)

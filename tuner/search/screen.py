@@ -59,6 +59,7 @@ from tuner.search.screen_run import (
     FIGURES,
     Measure,
     ScreenFailed,
+    ScreenMeasured,
     ScreenRun,
     faithfulness,
     probe_capacity,
@@ -202,8 +203,9 @@ class Screen:
         if self._asked or s.plan.baseline.name not in done:
             return []
         self._asked = True
-        measure = screen_measure(s.runner) if self.enabled(grid) else None
-        group = screened_group(s.plan, s.target) if measure is not None else None
+        group = screened_group(s.plan, s.target) if self.enabled(grid) else None
+        # The launch is the largest member's trial too, unless that one is measured already.
+        measure = None if group is None else screen_measure(s.runner, group.launch.name not in done)
         if measure is None or group is None:
             return []
         saved = ScreenRun.load(s.store.directory, group.launch.name, group.ladder)
@@ -217,12 +219,16 @@ class Screen:
         ladder = ", ".join(str(c) for c in group.ladder)
         s.observer.on_phase("screen", f"{launch.name}: {ladder} in flight, one launch")
         t0 = s.clock()
+        trial = None
         try:
-            points, failure = list(measure(group.members, variant)), None
+            got, failure = measure(group.members, variant), None
+            points = got.points if isinstance(got, ScreenMeasured) else list(got)
+            trial = got.trial if isinstance(got, ScreenMeasured) else None
         except ScreenFailed as exc:
             points, failure = exc.points, str(exc)
         interrupt.check()  # a stop request came while it was measured: not a result
-        run = ScreenRun(launch.name, group.ladder, tuple(points), s.clock() - t0, failure)
+        seconds = s.clock() - t0 - (trial.engine_time_s if trial is not None else 0.0)
+        run = ScreenRun(launch.name, group.ladder, tuple(points), seconds, failure, trial)
         run.save(s.store.directory)
         return run
 
@@ -264,6 +270,8 @@ class Screen:
             r = self.results.get(planned.name)
             if r is None or planned.name in done or planned.candidate.is_baseline:
                 continue
+            if self.launched_trial(planned.name) is not None:
+                continue  # measured whole in the screen's launch: its trial decides
             reach = (r.output_throughput or 0.0) * (1.0 + SCREEN_MARGIN)
             if reach >= bar:
                 continue
@@ -279,17 +287,26 @@ class Screen:
         """The ``screened`` verdict on ``planned`` (for candidates the sampler proposes)."""
         return self.pruned.get(planned.name)
 
+    def launched_trial(self, name: str) -> TrialRecord | None:
+        """The trial of ``name`` measured in the screen's launch (its largest member), which
+        the search records as that candidate's trial instead of launching it; None else."""
+        trial = self.run.trial if self.run is not None else None
+        return trial if trial is not None and trial.name == name else None
+
     def order(self, untried: list[Planned]) -> list[Planned]:
         """Screened value first; on a tie, the higher screened capacity (a rung that missed
         the SLO at saturation has the best value below it as its value, a lower bound: its
         rate search under the SLO may well beat that, up to its capacity; on vLLM CPU the
         rungs above the one that met the SLO measured 10-45 % more in their own launches);
         then screened candidates that met the SLO, the other screened ones, the extrapolated;
-        then the order given."""
+        then the order given. A candidate whose trial ran in the screen's launch comes first
+        (recording it costs nothing)."""
         keys = {p.name: self._key(p, i) for i, p in enumerate(untried)}
         return sorted(untried, key=lambda p: keys[p.name])
 
     def _key(self, planned: Planned, index: int) -> tuple[float, float, int, int]:
+        if self.launched_trial(planned.name) is not None:
+            return (-math.inf, 0.0, 0, index)  # measured already, in the screen's launch
         r = self.results.get(planned.name)
         if r is not None and r.value is not None:
             capacity = r.output_throughput or 0.0

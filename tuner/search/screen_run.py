@@ -6,6 +6,7 @@ against the real launches of the same candidates (:func:`probe_capacity`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from tuner.measure.session import ServerDied, launched, run_watched
 from tuner.plan.prune import Planned, Variant
 from tuner.search.record import TrialRecord, finite
 from tuner.search.record_parts import ScreenResult
+from tuner.search.requests_failed import RequestsFailed
 from tuner.search.trial import WARMUP_REQUESTS
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -73,32 +75,50 @@ class ScreenFailed(Exception):
         self.points = list(points)
 
 
+@dataclass(frozen=True)
+class ScreenMeasured:
+    """A screen's points and, when its launch was also the launched candidate's trial (its
+    rate search in the same launch, after the rungs), that trial's record."""
+
+    points: list[ScreenPoint]
+    trial: TrialRecord | None = None
+
+
 # What measures a screen: the group (members[0] is launched), the variant -> one point per
-# distinct concurrency. A runner may bring its own as ``runner.screen``.
-Measure = Callable[[Sequence[Planned], Variant], list[ScreenPoint]]
+# distinct concurrency (and the launched candidate's trial, when it ran one). A runner may
+# bring its own as ``runner.screen``.
+Measure = Callable[[Sequence[Planned], Variant], "list[ScreenPoint] | ScreenMeasured"]
 
 
-def screen_measure(runner: Any) -> Measure | None:
+def screen_measure(runner: Any, trial: bool = False) -> Measure | None:
     """``runner.screen`` when it has one; :func:`vllm_screen` for a runner that launches vLLM
-    (``VllmTrialRunner``); None for anything else (no screen)."""
+    (``VllmTrialRunner``), with the launched candidate's ``trial`` in the same launch; None
+    for anything else (no screen)."""
     own = getattr(runner, "screen", None)
     if callable(own):
         return own
     if all(hasattr(runner, a) for a in ("_point", "_concurrency", "engine_settings", "setup")):
-        return lambda group, variant: vllm_screen(runner, group, variant)
+        return lambda group, variant: vllm_screen(runner, group, variant, trial)
     return None
 
 
-def vllm_screen(runner: Any, group: Sequence[Planned], variant: Variant) -> list[ScreenPoint]:
+def vllm_screen(
+    runner: Any, group: Sequence[Planned], variant: Variant, trial: bool = True
+) -> ScreenMeasured:
     """Launch ``group[0]`` once and measure a closed loop (``seconds_per_point`` long) at each
     member's concurrency, largest first, with the trial runner's own load point
-    (``VllmTrialRunner._point``: same request pool, warm-up, SLO verdict, telemetry).
-    ScreenFailed (with the points before) when the server does not start or dies."""
+    (``VllmTrialRunner._point``: same request pool, warm-up, SLO verdict, telemetry). With
+    ``trial`` (and a runner that has ``trial_in_launch``), ``group[0]``'s own trial follows in
+    the same launch: the launch a trial of it would have cost is spent once. ScreenFailed
+    (with the points before) when the server does not start or dies; a trial whose every
+    request failed is left out (the screen stands)."""
     launch, setup = group[0], runner.setup
     ladder = sorted({runner._concurrency(p) for p in group}, reverse=True)
     settings = runner.engine_settings(launch.candidate, variant)
     log_path = setup.log_dir / f"screen-{launch.name[:100]}.log"
     points: list[ScreenPoint] = []
+    ran: list[TrialRecord] = []
+    with_trial = trial and hasattr(runner, "trial_in_launch")
 
     async def measure_all(server: Any, stop: Any) -> None:
         offset = 0
@@ -109,6 +129,9 @@ def vllm_screen(runner: Any, group: Sequence[Planned], variant: Variant) -> list
             point = await runner._point(server, "screen", load, warmup, offset, stop)
             offset += n + warmup
             points.append(ScreenPoint.of(point))
+        if with_trial:
+            with contextlib.suppress(RequestsFailed):
+                ran.append(await runner.trial_in_launch(server, launch, variant, stop, offset))
 
     try:
         with launched(settings, setup.launch, log_path=log_path) as server:
@@ -117,7 +140,7 @@ def vllm_screen(runner: Any, group: Sequence[Planned], variant: Variant) -> list
         raise ScreenFailed(f"{launch.name} did not start: {exc.failure}", points) from None
     except ServerDied as died:
         raise ScreenFailed(f"{launch.name} died: {died.failure or 'crashed'}", points) from None
-    return points
+    return ScreenMeasured(points, ran[0] if ran else None)
 
 
 @dataclass(frozen=True)
@@ -127,11 +150,13 @@ class ScreenRun:
     launch: str
     ladder: tuple[int, ...]
     points: tuple[ScreenPoint, ...]
-    engine_time_s: float
+    engine_time_s: float  # the launch and the rungs (a trial in it counts its own time)
     failure: str | None = None
+    trial: TrialRecord | None = None  # the launched candidate's trial in this launch
 
     def save(self, directory: Path) -> None:
         data = {**asdict(self), "points": [asdict(p) for p in self.points]}
+        data["trial"] = None if self.trial is None else self.trial.to_json()
         atomic_write_json(directory / "screen" / f"{self.launch}.json", data)
 
     @classmethod
@@ -145,12 +170,14 @@ class ScreenRun:
             return None  # another plan's screen: measure this one
         points = tuple(ScreenPoint.from_json(p) for p in data.get("points") or ())
         failure = data.get("failure")
+        trial = data.get("trial")
         return cls(
             launch,
             ladder,
             points,
             float(data.get("engine_time_s") or 0.0),
             None if failure is None else str(failure),
+            TrialRecord.from_json(trial) if isinstance(trial, dict) else None,
         )
 
 

@@ -47,10 +47,6 @@ from tuner.search.events import Fanout
 from tuner.search.finalist_runs import chosen_load, contends, failed_samples, repeat_rounds
 from tuner.search.order import EARLY_STOP_MARGIN, EARLY_STOP_OBJECTIVES
 from tuner.search.record import (
-    RULE_EARLY_STOP,
-    STATE_COMPLETE,
-    STATE_FAILED,
-    STATE_PRUNED,
     FinalistSample,
     TrialRecord,
 )
@@ -59,6 +55,13 @@ from tuner.search.requests_failed import (
     RequestsFailed,
     all_failed,
     client_errors,
+)
+from tuner.search.trial_build import (
+    base_record,
+    failure_json,
+    finished_record,
+    launched_record,
+    now,
 )
 from tuner.search.trial_setup import TrialSetup
 
@@ -82,30 +85,14 @@ class VllmTrialRunner:
     ) -> TrialRecord:
         """Launch, rate-search, stop. ``incumbent``: the best objective so far, when the search
         lets trials stop early (throughput and goodput: a probe below it ends the trial)."""
-        cand = planned.candidate
-        settings = self.engine_settings(cand, variant)
-        base = TrialRecord(
-            name=planned.name,
-            knobs=cand.knobs(),
-            state=STATE_FAILED,
-            number=number,
-            baseline=cand.is_baseline,
-            variant=variant.name,
-            estimate=planned.estimate_json(),
-            started_at=_now(),
-        )
+        settings = self.engine_settings(planned.candidate, variant)
+        base = base_record(number, planned, variant)
         t0 = time.monotonic()
         log_path = self.setup.log_dir / f"{number:03d}-{planned.name[:100]}.log"
         points: list[RatePoint] = []  # what was measured, kept when the server dies
         try:
             with launched(settings, self.setup.launch, log_path=log_path) as server:
-                assert server.info is not None
-                base = replace(
-                    base,
-                    server_info=server.info.to_json(),
-                    log_path=str(server.log_path),
-                    vllm_args=list(server.info.argv),
-                )
+                base = launched_record(base, server)
                 concurrency = self._concurrency(planned)
                 early = self._early_stop(incumbent)
                 result, again = run_watched(
@@ -117,11 +104,11 @@ class VllmTrialRunner:
         except ServerStartError as exc:
             return replace(
                 base,
-                failure=_failure_json(exc.failure),
+                failure=failure_json(exc.failure),
                 log_path=str(exc.failure.log_path or log_path),
                 vllm_args=list(redact_argv(self.setup.launch.effective(settings).to_vllm_args())),
                 engine_time_s=time.monotonic() - t0,
-                finished_at=_now(),
+                finished_at=now(),
             )
         except RequestsFailed as failed:
             partial = RateSearchResult(tuple(points), None, 0.0, str(failed))
@@ -134,46 +121,43 @@ class VllmTrialRunner:
                     "log_path": str(log_path),
                 },
                 engine_time_s=time.monotonic() - t0,
-                finished_at=_now(),
+                finished_at=now(),
             )
         except ServerDied as died:
             partial = RateSearchResult(tuple(points), None, 0.0, "server died mid-run")
             return replace(
                 base,
                 rate_search=partial.to_json(),
-                failure=_failure_json(died.failure)
+                failure=failure_json(died.failure)
                 if died.failure
                 else {"class": "crashed", "message": "server died mid-run"},
                 engine_time_s=time.monotonic() - t0,
-                finished_at=_now(),
+                finished_at=now(),
             )
-        if result.stopped_early:
-            return replace(
-                base,
-                state=STATE_PRUNED,
-                rate_search=result.to_json(),
-                failure={"rule": RULE_EARLY_STOP, "reason": result.reason},
-                engine_time_s=time.monotonic() - t0,
-                finished_at=_now(),
-            )
-        value = self._objective(result)
-        best = None
-        if result.best is not None:
-            best = {
-                **result.best.summary.to_json(),
-                "rate": _rate(result.best.load.rate),
-                "concurrency": result.best.load.concurrency,
-            }
-        return replace(
-            base,
-            state=STATE_COMPLETE,
-            objective=value,
-            rate_search=result.to_json(),
-            best=best,
-            engine_time_s=time.monotonic() - t0,
-            in_trial_runs=[sample.to_json() for sample in again],
-            finished_at=_now(),
+        return finished_record(base, result, again, time.monotonic() - t0, self._objective)
+
+    async def trial_in_launch(
+        self,
+        server: VllmServer,
+        planned: Planned,
+        variant: Variant,
+        stop: asyncio.Event,
+        offset: int,
+    ) -> TrialRecord:
+        """The trial of ``planned`` on a server launched with its settings for another
+        purpose (the max_num_seqs screen's launch): its rate search, then its in-trial re-runs,
+        from request ``offset`` of the pool on; ``engine_time_s`` counts these only (the
+        launch is the screen's); number -1 until the search registers it. RequestsFailed and
+        ServerDied propagate."""
+        base = launched_record(base_record(-1, planned, variant), server)
+        t0, points = time.monotonic(), []
+        conc = self._concurrency(planned)
+        result, again = await self._trial(
+            server, planned.name, conc, stop, points, None, None, offset
         )
+        return finished_record(base, result, again, time.monotonic() - t0, self._objective)
+
+    # -- helpers ----------------------------------------------------------------------------------
 
     def remeasure(
         self, record: TrialRecord, variant: Variant, repeats: int
@@ -281,17 +265,19 @@ class VllmTrialRunner:
         points: list[RatePoint],
         early: EarlyStop | None,
         incumbent: float | None,
+        offset: int = 0,
     ) -> tuple[RateSearchResult, list[FinalistSample]]:
         """The rate search, then, for a contender (:func:`contends`), its chosen load re-run
         ``in_trial_repeats`` times in this launch: the finalist samples a relaunch would cost."""
-        result = await self._search(server, name, concurrency, stop, points, early)
+        result = await self._search(server, name, concurrency, stop, points, early, offset)
         margin = self.setup.early_stop_margin or EARLY_STOP_MARGIN
         value = None if result.best is None else self._objective(result)
         if not self.setup.in_trial_repeats or value is None or result.stopped_early:
             return result, []
         if not contends(value, incumbent, margin):
             return result, []
-        sent = WARMUP_REQUESTS + sum(p.load.num_requests for p in points)
+        warm = 0 if offset else WARMUP_REQUESTS
+        sent = offset + warm + sum(p.load.num_requests for p in points)
         loads = {name: result.best.load}  # type: ignore[union-attr]
         runs = await self._repeat(server, loads, self.setup.in_trial_repeats, stop, sent)
         return result, runs[name]
@@ -304,13 +290,15 @@ class VllmTrialRunner:
         stop: asyncio.Event,
         points: list[RatePoint],
         early: EarlyStop | None = None,
+        offset: int = 0,
     ) -> RateSearchResult:
         """The rate search within this launch; every measured point is appended to ``points``
-        as it completes, so the caller keeps them when the server dies."""
-        counter = {"offset": 0}
+        as it completes, so the caller keeps them when the server dies. ``offset``: the
+        requests of the pool the launch has sent already (a warm server: no warm-up)."""
+        counter = {"offset": offset}
 
         async def measure_at(load: LoadPoint) -> RatePoint:
-            warmup = WARMUP_REQUESTS if not points else 0
+            warmup = WARMUP_REQUESTS if not points and not offset else 0
             point = await self._point(server, name, load, warmup, counter["offset"], stop)
             counter["offset"] += load.num_requests + warmup
             points.append(point)
@@ -374,17 +362,3 @@ class VllmTrialRunner:
         metric, stat = self.setup.latency_stat
         value = result.best.summary.stat(metric, stat)
         return math.inf if value is None else value * 1000.0
-
-
-def _failure_json(failure: Any) -> dict[str, Any]:
-    data = failure.to_json()
-    data["class"] = data.pop("failure_class")
-    return data
-
-
-def _rate(rate: float) -> float | None:
-    return None if math.isinf(rate) else rate
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
