@@ -100,6 +100,30 @@ def test_live_worker_keeps_its_trial_across_another_workers_fail_stale(
     assert state_of(b, trial.number).state == optuna.trial.TrialState.COMPLETE
 
 
+def test_whoever_sees_a_trial_stale_fails_it_and_fail_stale_hands_it_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dead worker's trial goes stale between two questions a moment apart: fail_stale says
+    # "not yet" at 29.99 s, pending_names asks at 30.01 s. Both must agree from then on: the
+    # trial is failed when first seen stale, and the next fail_stale returns it for a requeue.
+    now = [0.0]
+    monkeypatch.setattr(study_mod.time, "monotonic", lambda: now[0])
+    (a,) = workers(tmp_path)[:1]
+    b = open_study(storage_url(None, tmp_path / "study.db"), "s", ["maximize"], None, grace_s=30)
+    trial = claim(a, "seqs8")
+    trial.set_user_attr("worker_id", "a-dead-worker")
+    trial.set_user_attr(study_mod.BEAT, 3)
+    assert "seqs8" in pending_names(b)  # b starts watching it
+    now[0] = 29.99
+    assert fail_stale(b, settle=False) == []
+    now[0] = 30.01
+    assert "seqs8" not in pending_names(b)
+    failed = state_of(b, trial.number)
+    assert failed.state == FAIL and failed.user_attrs["stale"] is True  # not left RUNNING
+    assert fail_stale(b, settle=False) == [trial.number]  # handed over once, to be requeued
+    assert fail_stale(b, settle=False) == []
+
+
 def test_worker_identity_is_a_random_id_not_host_pid(tmp_path: Path) -> None:
     a, _ = workers(tmp_path)
     trial = claim(a, "seqs8")

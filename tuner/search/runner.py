@@ -11,7 +11,6 @@ environment failure: :mod:`tuner.search.resume`. Several workers on one study:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -40,7 +39,7 @@ from tuner.search.resume import abandon, environment_stop, stale_candidates
 from tuner.search.screen import Screen
 from tuner.search.store import TrialStore
 from tuner.search.study import earlier_trial, fail_stale, finished_records, heartbeat, pending_names
-from tuner.search.workers import tell_record, wait_for_others
+from tuner.search.workers import report_probe, tell_record, wait_for_others
 
 # After this many sampled trials in a row that ran nothing (pruned or already measured), the
 # sampler has nothing new to offer: the search stops.
@@ -155,6 +154,10 @@ class Search:
                 self._enqueue(done, tuple(queue.next(done, pending_names(self.study))))
             if grid and not self._waiting():
                 if wait_for_others(self.study, done):
+                    continue
+                # A dead worker's trial failed while this one asked: its candidate runs here.
+                self._requeue(fail_stale(self.study, settle=False), done)
+                if self._waiting():
                     continue
                 break
             trial = self.study.ask()
@@ -300,7 +303,7 @@ class Search:
             if not record.environment_failure:
                 self.store.save(record)
             if record.stopped_early and record.max_output_throughput is not None:
-                _report(trial, record.max_output_throughput)
+                report_probe(trial, record.max_output_throughput)
             tell_record(self.study, trial, record, self._values(record))
         self.observer.on_trial_end(record)
         return record
@@ -382,15 +385,6 @@ class Search:
             return done[finalists[0].name]
         ranked = self._ranked(done)
         return ranked[0] if ranked else None
-
-
-def _report(trial: Any, value: float) -> None:
-    """A trial stopped early reports its probe as its value at step 0 (TPE ranks pruned
-    trials by it); not when another worker failed the trial meanwhile (tell_record keeps it)."""
-    import optuna
-
-    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-        trial.report(value, 0)
 
 
 def _state(name: str) -> Any:

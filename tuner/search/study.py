@@ -81,6 +81,9 @@ class _Watch:
     heartbeat_s: float
     grace_s: float
     seen: dict[int, tuple[tuple[Any, Any], float]] = field(default_factory=dict)
+    # Trials this worker failed as stale that no fail_stale caller has been given yet (one
+    # failed while another question was asked: their candidates must still run again).
+    failed: list[int] = field(default_factory=list)
 
     def stale(self, running: list[Any]) -> set[int]:
         """The numbers of ``running`` (all the RUNNING trials) whose claim and heartbeat this
@@ -195,19 +198,30 @@ def fail_stale(study: Any, *, settle: bool = True) -> list[int]:
         wait = watch.grace_s + 2  # + 2: a beat due at the very end is written too
         log.warning("a trial from this host may be dead; waiting %.0f s for its heartbeat", wait)
         time.sleep(wait)
+    _fail(study, watch, watch.stale(_running(study)))
+    failed, watch.failed = sorted(set(watch.failed)), []
+    return failed
+
+
+def _fail(study: Any, watch: _Watch, stale: set[int]) -> None:
+    """Fail the ``stale`` trials (marked ``stale: true``) and note them in ``watch.failed``.
+    Whoever sees a trial stale fails it at once — :func:`fail_stale` or a question about what
+    is pending or running — so that two questions a moment apart never disagree (one seeing
+    a dead trial as live, the next as gone: the trial would stay RUNNING, its candidate
+    neither pending nor finished)."""
+    if not stale:
+        return
     optuna = _optuna()
     storage = watch.storage
     study_id = storage.get_study_id_from_name(study.study_name)
-    failed = []
-    for number in sorted(watch.stale(_running(study))):
+    for number in sorted(stale):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         try:
             storage.set_trial_user_attr(trial_id, "stale", True)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # it ended meanwhile, or another worker failed it first
         study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-        failed.append(number)
-    return failed
+        watch.failed.append(number)
 
 
 def _running(study: Any) -> list[Any]:
@@ -219,7 +233,10 @@ def _not_stale(study: Any) -> list[Any]:
     """RUNNING trials that are not stale (claimed or not), as this worker sees them now."""
     running = _running(study)
     watch = _WATCHES.get(study)
-    stale = watch.stale(running) if watch is not None else set()
+    if watch is None:
+        return running
+    stale = watch.stale(running)
+    _fail(study, watch, stale)  # seen stale: failed now (the next fail_stale requeues them)
     return [t for t in running if t.number not in stale]
 
 

@@ -18,6 +18,7 @@ candidate, knobs, objective, SLO verdict) beside ``worker``/``worker_id`` (who m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -73,6 +74,15 @@ def slo_verdict(record: TrialRecord) -> str:
     return "met" if isinstance(point, dict) and point.get("slo_met", True) else "not met"
 
 
+def report_probe(trial: Any, value: float) -> None:
+    """A trial stopped early reports its probe as its value at step 0 (TPE ranks pruned
+    trials by it); not when another worker failed the trial meanwhile (tell_record keeps it)."""
+    import optuna
+
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.report(value, 0)
+
+
 def tell_record(study: Any, trial: Any, record: TrialRecord, values: Any) -> None:
     """Keep ``record`` in the study and end ``trial`` with it: complete with ``values``, or
     failed (with its failure class, and whether the environment failed). When the trial was
@@ -112,4 +122,11 @@ def tell_record(study: Any, trial: Any, record: TrialRecord, values: Any) -> Non
         )
 
 
-__all__ = ["WAIT_S", "dashboard_attrs", "slo_verdict", "tell_record", "wait_for_others"]
+__all__ = [
+    "WAIT_S",
+    "dashboard_attrs",
+    "report_probe",
+    "slo_verdict",
+    "tell_record",
+    "wait_for_others",
+]
