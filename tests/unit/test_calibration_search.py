@@ -183,6 +183,11 @@ def test_hopeless_candidates_are_pruned_with_the_reason(tmp_path: Path) -> None:
     assert "seqs1" not in runner.measured and "seqs2" not in runner.measured
     assert "calibrated capacity" in pruned["seqs1"].reason
     assert "measured" in pruned["seqs1"].reason
+    # A grid the user asked for (--sampler grid) measures every candidate all the same.
+    asked = TruthRunner(CPU, SLOW)
+    result = search(tmp_path / "grid", CPU, space, asked, sampler="grid").run()
+    assert not [p for p in result.sampled_pruned if p.rule == RULE_CALIBRATED]
+    assert sorted(asked.measured) == sorted(p.name for p in plan(space, CPU).all())
 
 
 def test_pruning_waits_for_two_trials_and_never_judges_latency() -> None:

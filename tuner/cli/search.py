@@ -148,6 +148,8 @@ class _SearchCommand(click.Command):
     type=click.Choice(["auto", "grid", "tpe", "nsga2"]),
     default="auto",
     show_default=True,
+    help="grid: every candidate, none pruned by the calibrated model (auto: a grid for a small "
+    "space, with calibrated pruning; TPE otherwise).",
 )
 @click.option(
     "--screen/--no-screen",

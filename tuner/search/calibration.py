@@ -290,7 +290,8 @@ class AnalyticQueue:
     so a resumed search does not start over), each the best untried one whose prediction
     (3 significant figures) differs from those of the candidates measured so far (a tie only
     when nothing else is left: ``Plan.first_picks``' rule), and then the sampler takes over.
-    A candidate the ``calibrated`` rule rules out is never handed out; it is in ``pruned``.
+    A candidate the ``calibrated`` rule rules out is never handed out; it is in ``pruned``
+    (unless ``prune`` is off: a grid the user asked for measures every candidate).
 
     Once a screen has measured max_num_seqs (``calibration.ranking`` set), the picks follow
     its order with no distinct-prediction rule: that rule spreads the picks along the model's
@@ -303,8 +304,10 @@ class AnalyticQueue:
         candidates: Iterable[Planned],
         picks: int | None,
         calibration: OnlineCalibration,
+        prune: bool = True,
     ) -> None:
         self.baseline, self.picks, self.calibration = baseline, picks, calibration
+        self.prune = prune
         self.candidates = [p for p in candidates if p.name != baseline.name]
         self.pruned: list[Pruned] = []
         self._handed: set[str] = set()
@@ -320,7 +323,9 @@ class AnalyticQueue:
             return []
         incumbent = _incumbent(done.values())
         untried = [p for p in self.candidates if p.name not in skip]
-        verdicts = {p.name: self.calibration.prune(p, incumbent) for p in untried}
+        verdicts = {
+            p.name: self.calibration.prune(p, incumbent) if self.prune else None for p in untried
+        }
         self.pruned += [v for v in verdicts.values() if v is not None]
         ranked = self.calibration.order(p for p in untried if verdicts[p.name] is None)
         if not ranked:

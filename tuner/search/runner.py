@@ -125,7 +125,10 @@ class Search:
         # The analytic picks go into the study one at a time, each chosen by the model as
         # calibrated on every trial so far (tuner.search.calibration).
         picks = None if grid else len(order.queued) - 1
-        queue = AnalyticQueue(self.plan.baseline, order.candidates, picks, self.calibration)
+        exhaustive = self.settings.sampler == "grid"  # asked for: no calibrated pruning
+        queue = AnalyticQueue(
+            self.plan.baseline, order.candidates, picks, self.calibration, not exhaustive
+        )
         self.calibration.refit(done.values())
         budget = (
             self.settings.budget
