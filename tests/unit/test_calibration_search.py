@@ -16,9 +16,9 @@ from tuner.analytic.estimate import Efficiency, ServingConfig, estimate
 from tuner.cli import cli
 from tuner.plan.prune import Planned, Target, Variant, feasible_concurrency, plan
 from tuner.plan.space import Space
+from tuner.search.analytic_queue import AnalyticQueue
 from tuner.search.calibration import (
     RULE_CALIBRATED,
-    AnalyticQueue,
     OnlineCalibration,
     peak_figures,
     point_batch,

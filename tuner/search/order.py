@@ -134,7 +134,7 @@ def trial_order(plan: Plan, settings: SearchSettings) -> TrialOrder:
     a grid (:func:`queue_all`), else the baseline and ``ANALYTIC_FIRST`` distinct analytic
     picks, then the sampler. The dry run prints it; the search hands the picks out one at a
     time, re-ordered by the model as calibrated on the trials so far
-    (:class:`tuner.search.calibration.AnalyticQueue`)."""
+    (:class:`tuner.search.analytic_queue.AnalyticQueue`)."""
     if queue_all(plan, settings):
         return TrialOrder(tuple(plan.all()), (), None)
     first = plan.first_picks(ANALYTIC_FIRST)

@@ -21,7 +21,8 @@ from tuner.engine import interrupt
 from tuner.errors import EnvironmentFailedError
 from tuner.plan.prune import Plan, Planned, Pruned, Target, Variant, evaluate
 from tuner.plan.space import Candidate, Space
-from tuner.search.calibration import AnalyticQueue, OnlineCalibration
+from tuner.search.analytic_queue import AnalyticQueue
+from tuner.search.calibration import OnlineCalibration
 from tuner.search.events import Fanout
 from tuner.search.finalist_runs import launch_groups, launch_key, trial_sample
 from tuner.search.front import search_front
