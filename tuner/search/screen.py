@@ -294,25 +294,23 @@ class Screen:
         return trial if trial is not None and trial.name == name else None
 
     def order(self, untried: list[Planned]) -> list[Planned]:
-        """Screened value first; on a tie, the higher screened capacity (a rung that missed
-        the SLO at saturation has the best value below it as its value, a lower bound: its
-        rate search under the SLO may well beat that, up to its capacity; on vLLM CPU the
-        rungs above the one that met the SLO measured 10-45 % more in their own launches);
-        then screened candidates that met the SLO, the other screened ones, the extrapolated;
-        then the order given. A candidate whose trial ran in the screen's launch comes first
-        (recording it costs nothing)."""
+        """A candidate whose trial ran in the screen's launch first (recording it costs
+        nothing: the group's largest max_num_seqs); then by screened value; on a tie, the
+        screened candidates that met the SLO, then the others from the smallest concurrency up
+        (nearest the boundary where the SLO stops holding at saturation, where the best
+        SLO-meeting rate tends to be: on vLLM CPU the rungs that missed it measured from 55 %
+        to 145 % of the boundary's value in their own launches, worse the further above);
+        then the extrapolated; then the order given."""
         keys = {p.name: self._key(p, i) for i, p in enumerate(untried)}
         return sorted(untried, key=lambda p: keys[p.name])
 
-    def _key(self, planned: Planned, index: int) -> tuple[float, float, int, int]:
+    def _key(self, planned: Planned, index: int) -> tuple[float, int, int, int]:
         if self.launched_trial(planned.name) is not None:
-            return (-math.inf, 0.0, 0, index)  # measured already, in the screen's launch
+            return (-math.inf, 0, 0, index)  # measured already, in the screen's launch
         r = self.results.get(planned.name)
         if r is not None and r.value is not None:
-            capacity = r.output_throughput or 0.0
-            return (-r.value, -max(capacity, r.value), 0 if r.slo_met else 1, index)
-        value = self._extrapolated(planned)
-        return (-value, -value, 2, index)
+            return (-r.value, 0 if r.slo_met else 1, r.concurrency, index)
+        return (-self._extrapolated(planned), 2, 0, index)
 
     def _extrapolated(self, planned: Planned) -> float:
         """Calibrated prediction x (screened value / calibrated prediction) of the screened
