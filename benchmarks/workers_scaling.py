@@ -1,6 +1,6 @@
 """Does ``vtune search --workers N`` scale, and does it survive a worker killed at any moment?
 
-    .venv/bin/python benchmarks/workers_scaling.py [--workers 1,2,4] [--candidates 16]
+    .venv/bin/python benchmarks/workers_scaling.py [--workers 1,2,4] [--candidates N]
         [--kill-runs 20] [--seed S] [--out DIR]
 
 Runs on the fake vLLM process (``tests/fake_vllm_process.py``): every trial costs fixed time
@@ -10,7 +10,10 @@ CPUs: ``--devices 0,1,0,1``, each CPU shared by two workers).
 
 Scaling: one search of ``--candidates`` candidates (vLLM's defaults and max_num_seqs 1, 2, ...)
 with 1, 2 and 4 workers, each from scratch; prints the wall times and the speed-ups side by side
-with linear. Target: at least 0.9 x linear at 4 workers.
+with linear, and where each wall time went: until the workers' first trials start (the processes'
+fixed cost: Python, imports, the study), the trial phase, and after the last trial (the children
+ending, the parent's final run, the report). Target: at least 0.9 x linear at 4 workers. The
+default 48 candidates (12 trials per worker at 4 workers) take about 6 minutes for the three.
 
 ``--kill-runs N`` (no scaling runs then): N runs of the 4-worker search, each SIGKILLs one worker
 drawn at random at a random moment of its trial phase (the others take over its trial once its
@@ -19,13 +22,14 @@ command to its end. Each run checks: no candidate measured twice (one trial file
 workers' directories and one COMPLETE trial holding its record in the study, per candidate),
 every candidate measured in the end (the record beside the profile), no process left behind
 (a marker in the environment of everything the runs start). Prints one line per run and a
-summary line. About one minute per run on two cores.
+summary line. 16 candidates unless ``--candidates``; about one minute per run on two cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import json
 import os
 import random
@@ -36,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,13 +60,16 @@ FAKE_ENV = {
 
 
 def argv(model: Path, out: Path, candidates: int, workers: int) -> list[str]:
-    """The search: ``candidates`` candidates, one 2-second point each, SLO always met."""
+    """The search: ``candidates`` candidates, one 2-second point each, SLO always met. The KV
+    cache holds 16 sequences per 2 MiB: room for every max_num_seqs asked (one it could not
+    hold would be pruned as the same as a smaller one)."""
     seqs = ",".join(str(n) for n in range(1, candidates))
+    kv_mib = 2 * max(1, -(-candidates // 16))
     cmd = [
         *(str(VTUNE), "search", "--model", str(model), "--gpu", "cpu"),
         *("--slo", "ttft:p95<30s", "--objective", "goodput", "--no-early-stop"),
         *("--param", f"max_num_seqs={seqs}", "--input-len", "16", "--output-len", "8"),
-        *("--kv-cache-memory-bytes", "2MiB", "--telemetry-period", "1"),
+        *("--kv-cache-memory-bytes", f"{kv_mib}MiB", "--telemetry-period", "1"),
         *("--seconds-per-point", "2", "--iterations", "0", "--repeats", "0", "--finalists", "1"),
         *("--startup-timeout", "60", "--vllm-python", str(FAKE), "--out", str(out)),
     ]
@@ -94,26 +102,46 @@ class Ran:
     seconds: float
     stdout: str
     stderr: str
+    lines: list[tuple[float, str]]  # stdout lines with their time (seconds after the start)
+    started: float  # time.time() at the start
 
 
 def run(
     cmd: list[str], mark: str, log: Path, kill: tuple[float, random.Random] | None = None
 ) -> Ran:
-    """Run ``cmd`` to its end (output in ``log``.out/.err). With ``kill`` (seconds, rng): that
-    long after the first trial starts, SIGKILL one worker drawn at random."""
-    t0 = time.monotonic()
-    with open(log.with_suffix(".out"), "wb") as so, open(log.with_suffix(".err"), "wb") as se:
-        proc = subprocess.Popen(cmd, env=env(mark), cwd=ROOT, stdout=so, stderr=se)
+    """Run ``cmd`` to its end (output in ``log``.out/.err, stdout lines timed as they come).
+    With ``kill`` (seconds, rng): that long after the first trial starts, SIGKILL one worker
+    drawn at random."""
+    lines: list[tuple[float, str]] = []
+    started, t0 = time.time(), time.monotonic()
+    with open(log.with_suffix(".err"), "wb") as se:
+        proc = subprocess.Popen(cmd, env=env(mark), cwd=ROOT, stdout=subprocess.PIPE, stderr=se)
+    pump = threading.Thread(target=_pump, args=(proc, log.with_suffix(".out"), t0, lines))
+    pump.start()
     killed = ""
     if kill is not None:
         killed = _kill_one(proc, log.with_suffix(".out"), *kill)
     proc.wait(timeout=900)
     seconds = time.monotonic() - t0
+    pump.join()
     out = log.with_suffix(".out").read_text(errors="replace")
     err = log.with_suffix(".err").read_text(errors="replace")
     if killed:
         err = f"{killed}\n{err}"
-    return Ran(proc.returncode, seconds, out, err)
+    return Ran(proc.returncode, seconds, out, err, lines, started)
+
+
+def _pump(
+    proc: subprocess.Popen[bytes], path: Path, t0: float, lines: list[tuple[float, str]]
+) -> None:
+    """Copy ``proc``'s stdout to ``path`` line by line (flushed: _kill_one reads it), noting
+    when each line came."""
+    assert proc.stdout is not None
+    with open(path, "wb") as so:
+        for raw in iter(proc.stdout.readline, b""):
+            lines.append((time.monotonic() - t0, raw.decode(errors="replace").rstrip("\n")))
+            so.write(raw)
+            so.flush()
 
 
 def _kill_one(proc: subprocess.Popen[bytes], out: Path, after_s: float, rng: random.Random) -> str:
@@ -181,7 +209,7 @@ def measurements(pdir: Path) -> tuple[collections.Counter[str], collections.Coun
 def trial_times(pdir: Path) -> tuple[list[float], list[float]]:
     """Engine seconds of each worker's first trial, and of the other trials."""
     by_worker: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
-    for path in pdir.glob("**/cpu.study/*/trials/*.json"):
+    for path in _trial_files(pdir):
         data = json.loads(path.read_text())
         worker = path.relative_to(pdir).parts[1] if "cpu.workers" in path.parts else "-"
         by_worker[worker].append((data["started_at"], float(data["engine_time_s"])))
@@ -193,10 +221,49 @@ def trial_times(pdir: Path) -> tuple[list[float], list[float]]:
     return firsts, others or [0.0]
 
 
+_TRIAL_LINE = re.compile(  # "[w0] trial 3 seqs5: starting vLLM", "  trial 0 x: complete, ..."
+    r"^(?:\[(?P<w>w\d+)\] )?\s*trial \d+ (?P<name>\S+): "
+    r"(?P<what>starting vLLM|complete|failed|pruned)"
+)
+
+
+def phases(ran: Ran, pdir: Path) -> tuple[float, float, float]:
+    """Where ``ran``'s wall time went: until the workers' first trials started (median over
+    the workers: each process's fixed cost), the trial phase (the first trial's start to the
+    last trial's end), after the last trial (to the command's end). A fleet's workers print a
+    line as each trial starts and ends (timed here); one worker's progress display does not,
+    so its trials' records give the times (``started_at``/``finished_at``: whole seconds)."""
+    starts: dict[str, list[float]] = collections.defaultdict(list)
+    ends: list[float] = []
+    for at, line in ran.lines:
+        m = _TRIAL_LINE.match(line)
+        if m is not None and m["w"]:
+            (starts[m["w"]] if m["what"] == "starting vLLM" else ends).append(at)
+    if not ends:
+        for path in _trial_files(pdir):
+            data = json.loads(path.read_text())
+            worker = path.relative_to(pdir).parts[1] if "cpu.workers" in path.parts else "-"
+            starts[worker].append(_stamp(data["started_at"]) - ran.started)
+            ends.append(_stamp(data["finished_at"]) - ran.started)
+    if not ends:
+        return float("nan"), float("nan"), float("nan")
+    firsts = [min(s) for s in starts.values() if s]
+    return statistics.median(firsts), max(ends) - min(firsts), ran.seconds - max(ends)
+
+
+def _stamp(text: str) -> float:
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+
+
+def _trial_files(pdir: Path) -> list[Path]:
+    return list(pdir.glob("**/cpu.study/*/trials/*.json"))
+
+
 def scaling(model: Path, root: Path, workers: list[int], n: int) -> None:
     print(f"{n} candidates, one 2 s point each, fake vLLM start-up 0.5 s")
     times: dict[int, float] = {}
     engine: dict[int, tuple[list[float], list[float]]] = {}
+    split: dict[int, tuple[float, float, float]] = {}
     for w in workers:
         out = root / f"scale-{w}"
         shutil.rmtree(out, ignore_errors=True)
@@ -208,24 +275,34 @@ def scaling(model: Path, root: Path, workers: list[int], n: int) -> None:
         assert not left, left
         times[w] = ran.seconds
         engine[w] = trial_times(out / "tiny-model")
-        print(f"  {w} worker{'s' if w > 1 else ' '}: {ran.seconds:6.1f} s", flush=True)
+        split[w] = phases(ran, out / "tiny-model")
+        trials = len(_trial_files(out / "tiny-model"))  # a pruned candidate is not measured
+        print(
+            f"  {w} worker{'s' if w > 1 else ' '}: {ran.seconds:6.1f} s, {trials} trials",
+            flush=True,
+        )
     base = times[workers[0]] * workers[0]
     print(
         f"{'workers':>8} {'wall s':>8} {'speed-up':>9} {'linear':>7} {'of linear':>10} "
-        f"{'trials s':>9} {'first trial s':>14} {'others s':>9}"
+        f"{'trials s':>9} {'first trial s':>14} {'others s':>9} "
+        f"{'start s':>8} {'phase s':>8} {'after s':>8}"
     )
     for w, t in times.items():
         up = base / t
         firsts, others = engine[w]
+        start, phase, after = split[w]
         print(
             f"{w:>8} {t:>8.1f} {up:>9.2f} {w:>7} {up / w:>10.0%} "
             f"{sum(firsts) + sum(others):>9.1f} {statistics.median(firsts):>14.1f} "
-            f"{statistics.median(others):>9.1f}"
+            f"{statistics.median(others):>9.1f} {start:>8.1f} {phase:>8.1f} {after:>8.1f}"
         )
     print(
         "(trials s: the trials' engine time summed; first trial s: the median engine time of "
         "each worker's first trial, which carries the process's one-time imports; others s: "
-        "the median of the rest)"
+        "the median of the rest; start s: from the command's start to a worker's first trial "
+        "(median over the workers: each process's fixed cost); phase s: the first trial's start "
+        "to the last one's end; after s: from there to the command's end (children ending, the "
+        "parent's final run and report); one worker: from its records, to the second)"
     )
     if 4 in times:
         ratio = base / times[4] / 4
@@ -276,7 +353,7 @@ def kill_runs(model: Path, root: Path, runs: int, n: int, seed: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", default="1,2,4")
-    ap.add_argument("--candidates", type=int, default=16)
+    ap.add_argument("--candidates", type=int, default=None, help="default 48; 16 with --kill-runs")
     ap.add_argument("--kill-runs", type=int, default=0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
@@ -286,9 +363,9 @@ def main() -> None:
     model = tiny_model(root)
     if args.kill_runs:
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
-        kill_runs(model, root, args.kill_runs, args.candidates, seed)
+        kill_runs(model, root, args.kill_runs, args.candidates or 16, seed)
     else:
-        scaling(model, root, [int(w) for w in args.workers.split(",")], args.candidates)
+        scaling(model, root, [int(w) for w in args.workers.split(",")], args.candidates or 48)
     print(f"(runs kept in {root})")
 
 

@@ -119,8 +119,11 @@ def start(
     *,
     pid1: bool = False,
     ignore_sigint: bool = False,
+    new_session: bool = False,
 ) -> Search:
-    """Start ``argv`` (a ``vtune search`` writing under ``out``); output to ``out/../tag.*``."""
+    """Start ``argv`` (a ``vtune search`` writing under ``out``); output to ``out/../tag.*``.
+    ``new_session``: as the leader of a session of its own (its pid is its process group's id:
+    ``os.killpg`` reaches it and whatever shares its group, not this test)."""
 
     def ignore() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -135,6 +138,7 @@ def start(
             stdout=so,
             stderr=se,
             preexec_fn=ignore if ignore_sigint else None,
+            start_new_session=new_session,
         )
     return Search(proc, out, profile_dir(model, out), stdout, stderr, pid1)
 

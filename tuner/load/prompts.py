@@ -4,7 +4,8 @@ the model's tokenizer, and prompts of exact token counts.
 * :class:`Request` — one request to send (prompt, lengths; session, turn, think time and replay
   time for conversations and traces);
 * :class:`LengthRange` — a fixed token count or a uniform range;
-* :func:`load_tokenizer` — the model's own tokenizer from its local directory (never downloads);
+* :func:`load_tokenizer` — the model's own tokenizer from its local directory (never downloads;
+  without transformers where :mod:`tuner.load.fast_tokenizer` gives the same tokens);
 * :class:`TokenSource` — ids to draw prompts from (whole-word tokens for chat, so text prompts
   re-tokenize to their exact length) and the Request made of a list of ids.
 """
@@ -89,8 +90,24 @@ class LengthRange:
 
 def load_tokenizer(model_dir: str | Path, *, local_files_only: bool = True) -> Any:
     """The model's tokenizer, from local files only unless ``local_files_only`` is False (a hub
-    id whose weights a quantization tool downloads anyway); ModelError in one line."""
-    from transformers import AutoTokenizer  # heavy import, only when a request set is built
+    id whose weights a quantization tool downloads anyway); ModelError in one line.
+
+    From local files, a ``tokenizer.json`` that transformers would use unchanged is read with the
+    ``tokenizers`` library alone (:mod:`tuner.load.fast_tokenizer`: same ids, texts and special
+    ids, without importing transformers and torch, ~5 s of CPU per process); transformers' own
+    tokenizer otherwise, or when the fast one is asked for more (a chat template...)."""
+    if local_files_only:
+        from tuner.load.fast_tokenizer import load_fast
+
+        fast = load_fast(model_dir, lambda: transformers_tokenizer(model_dir))
+        if fast is not None:
+            return fast
+    return transformers_tokenizer(model_dir, local_files_only=local_files_only)
+
+
+def transformers_tokenizer(model_dir: str | Path, *, local_files_only: bool = True) -> Any:
+    """``AutoTokenizer.from_pretrained`` of ``model_dir``; ModelError in one line."""
+    from transformers import AutoTokenizer  # heavy import (torch), only when needed
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=local_files_only)
