@@ -56,7 +56,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,26 +232,6 @@ def _log_port(log: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _under_load(port: int) -> bool:
-    """The server's /metrics shows requests served or being served."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return False
-    names = (
-        "vllm:num_requests_running",
-        "vllm:prompt_tokens_total",
-        "vllm:generation_tokens_total",
-    )
-    for line in text.splitlines():
-        if line.startswith(names):
-            with contextlib.suppress(ValueError):
-                if float(line.rsplit(" ", 1)[1]) > 0:
-                    return True
-    return False
-
-
 def _trial_logs(pdir: Path) -> list[Path]:
     return sorted(
         p for p in pdir.glob("cpu.study/*/logs/*.log") if not p.name.startswith("finalist")
@@ -289,7 +268,7 @@ def _kill_under_load(
         b.remember()
         logs = _trial_logs(b.pdir)
         port = _log_port(logs[0]) if logs else None
-        if port is not None and _under_load(port):
+        if port is not None and procs.vllm_under_load(port):
             break
         time.sleep(0.2)
     servers = tuple(_servers(b))

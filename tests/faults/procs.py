@@ -15,6 +15,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,24 @@ def record_numbers(pdir: Path) -> dict[str, Any]:
     """Candidate -> trial number in the search record written beside the profile."""
     record = json.loads((pdir / "cpu.json").read_text())
     return {t["name"]: t.get("number") for t in record["trials"]}
+
+
+def vllm_under_load(port: int) -> bool:
+    """vLLM's own /metrics on ``port`` shows requests being served, or served (False while it
+    does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return False
+    names = (
+        "vllm:num_requests_running",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+    )
+    for line in text.splitlines():
+        if line.startswith(names):
+            with contextlib.suppress(ValueError):
+                if float(line.rsplit(" ", 1)[1]) > 0:
+                    return True
+    return False

@@ -16,7 +16,6 @@ import re
 import signal
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -103,19 +102,6 @@ def _port(log: Path) -> int:
     return int(match.group(1))
 
 
-def _under_load(port: int) -> bool:
-    """vLLM's own /metrics shows requests being served (or served)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return False
-    names = ("vllm:num_requests_running", "vllm:prompt_tokens_total")
-    return any(
-        line.startswith(names) and float(line.rsplit(" ", 1)[1]) > 0 for line in text.splitlines()
-    )
-
-
 def _stopped_cleanly(
     search: procs.Search,
     before_vllm: set[int],
@@ -191,7 +177,7 @@ def test_sigterm_to_pid_1_under_load(tiny_model_dir: Path, tmp_path: Path) -> No
         log = search.wait_log("000", "# vtune:", timeout=300)
         port = _port(log)
         deadline = time.monotonic() + 600
-        while not _under_load(port):
+        while not procs.vllm_under_load(port):
             assert time.monotonic() < deadline, "the baseline never came under load"
             assert search.proc.poll() is None, search.ended().describe()
             search.remember()
