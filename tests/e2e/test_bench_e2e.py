@@ -362,6 +362,9 @@ def test_chat_endpoint_streams_exact_lengths(vllm_server, tiny_model_dir: Path):
         measure(vllm_server.url, vllm_server.info.model, reqs, load, scrape_interval=0.1)
     )
     assert m.summary.completed == 4 and m.summary.failed == 0
-    assert all(r.output_tokens == 10 and len(r.chunk_times) == 10 for r in m.records)
+    # Exact lengths by the server's usage count. The chunks: one per token when vLLM's API
+    # server keeps up; when it lags (a loaded machine) vLLM merges the pending tokens of a
+    # request into one delta, so fewer chunks carry the same 10 tokens.
+    assert all(r.output_tokens == 10 and 1 <= len(r.chunk_times) <= 10 for r in m.records)
     assert all(r.prompt_len > 20 for r in m.records)  # the server counts the chat template too
     assert m.server is not None and m.server.generation_tokens == 40

@@ -167,14 +167,16 @@ def test_records_without_the_block_still_read_and_a_bad_block_is_one_line() -> N
     assert SearchRecord.from_json(data).cost == block
 
 
-def test_a_re_decided_record_drops_the_old_choices_cost() -> None:
+def test_a_re_decided_record_carries_the_new_choices_cost_not_the_old() -> None:
     from tuner.measure.slo import parse_slo
 
-    record = SearchRecord.from_json(
-        {**record_json(), "cost": CostInfo(2, 1.0, 0.5, at="seqs16-tp2").to_json()}
-    )
+    old = CostInfo(2, 1.0, 0.5, gpu_hour_price=3.0, at="seqs16-tp2", source="finalist mean")
+    record = SearchRecord.from_json({**record_json(), "cost": old.to_json()})
     decision = decide(record, parse_slo("ttft:p95<1s"))
-    assert "cost" not in decided_record(record, decision, "h100.json", None)
+    cost = decided_record(record, decision, "h100.json", None)["cost"]
+    assert cost["at"] == decision.best and cost["source"] == "trial"  # its stored point
+    assert cost["output_tokens_per_s"] != old.output_tokens_per_s
+    assert cost["gpu_hour_price"] == 3.0  # the search's price carries over
 
 
 @pytest.mark.parametrize("price", ["-1", "0", "nan", "inf", "abc"])

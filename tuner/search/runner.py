@@ -347,9 +347,8 @@ class Search:
         objective, repeats = self.settings.objective, self.settings.repeats
         saved = {r.name: self.store.load_samples(r.name, objective) for r in ranked}
         runs = {r.name: self.store.load_runs(r.name, objective) for r in ranked}
-        for (
-            r
-        ) in ranked:  # re-run in the trial's own launch: no launch here (its time is the trial's)
+        # Re-run in the trial's own launch: no launch here (the time is the trial's).
+        for r in ranked:
             if saved[r.name] is None and len(r.in_trial_samples) >= repeats:
                 runs[r.name] = (trial_sample(r), *r.in_trial_samples[:repeats])
                 saved[r.name] = ([x.value for x in runs[r.name]], 0.0)
