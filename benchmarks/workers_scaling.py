@@ -116,6 +116,7 @@ def run(
     started, t0 = time.time(), time.monotonic()
     with open(log.with_suffix(".err"), "wb") as se:
         proc = subprocess.Popen(cmd, env=env(mark), cwd=ROOT, stdout=subprocess.PIPE, stderr=se)
+    log.with_suffix(".out").touch()  # there before _kill_one reads it (the pump opens it)
     pump = threading.Thread(target=_pump, args=(proc, log.with_suffix(".out"), t0, lines))
     pump.start()
     killed = ""
