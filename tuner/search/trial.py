@@ -270,7 +270,8 @@ class VllmTrialRunner:
         """The rate search, then, for a contender (:func:`contends`), its chosen load re-run
         ``in_trial_repeats`` times in this launch: the finalist samples a relaunch would cost."""
         result = await self._search(server, name, concurrency, stop, points, early, offset)
-        margin = self.setup.early_stop_margin or EARLY_STOP_MARGIN
+        margin = self.setup.early_stop_margin
+        margin = EARLY_STOP_MARGIN if margin is None else margin  # 0 is a margin too
         value = None if result.best is None else self._objective(result)
         if not self.setup.in_trial_repeats or value is None or result.stopped_early:
             return result, []
