@@ -8,7 +8,8 @@ tests/faults/test_two_workers.py.
 
 from __future__ import annotations
 
-import multiprocessing
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -152,24 +153,59 @@ def test_a_record_told_after_another_worker_failed_its_trial_is_kept(
         assert kept.user_attrs["failure_class"] == "OOM"
 
 
-def _open_at(url: str, start: float) -> str:
-    while time.time() < start:
+# Each opener is its own `python -c` process (not a fork of this pytest worker, whose threads and
+# inherited signal handlers once left a forked pool's worker hanging at exit): it imports once,
+# then for each URL on stdin says "ready", waits for the start time and answers "ok" or the error.
+_OPENER = """
+import sys
+import time
+from tuner.search.study import open_study
+for line in sys.stdin:
+    url = line.strip()
+    print("ready", flush=True)
+    start = float(sys.stdin.readline())
+    while time.time() < start:  # spin, not sleep: the four must reach the storage together
         pass
     try:
         open_study(url, "s", ["maximize"], None)
+        print("ok", flush=True)
     except Exception as exc:
-        return str(exc)
-    return "ok"
+        print(str(exc).replace("\\n", " "), flush=True)
+"""
 
 
 def test_workers_that_create_one_new_storage_at_once_all_open_it(tmp_path: Path) -> None:
     """Optuna creates a new storage's tables on first use, unguarded: four processes that
     open one new SQLite file at the same moment used to fail most times ("table studies
     already exists", "UNIQUE constraint failed: alembic_version.version_num")."""
-    context = multiprocessing.get_context("fork")
-    for i in range(5):
-        url = storage_url(None, tmp_path / f"new-{i}.db")
-        start = time.time() + 0.3
-        with context.Pool(4) as pool:
-            opened = pool.starmap(_open_at, [(url, start)] * 4)
-        assert opened == ["ok"] * 4, opened
+    openers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPENER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    try:
+        for i in range(5):
+            url = storage_url(None, tmp_path / f"new-{i}.db")
+            for proc in openers:
+                proc.stdin.write(url + "\n")
+                proc.stdin.flush()
+            assert [proc.stdout.readline().strip() for proc in openers] == ["ready"] * 4
+            start = time.time() + 0.2  # all four are waiting on their stdin: one start time
+            for proc in openers:
+                proc.stdin.write(f"{start}\n")
+                proc.stdin.flush()
+            opened = [proc.stdout.readline().strip() for proc in openers]
+            assert opened == ["ok"] * 4, opened
+    finally:
+        for proc in openers:
+            proc.stdin.close()
+        for proc in openers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
