@@ -4,9 +4,10 @@ OpenAI-compatible endpoints of :mod:`tests.fakes` on ``--host``/``--port``, and 
 vtune reads from vLLM's log (version, KV cache size). Real processes, real ports, no model.
 
 Run it through ``tests/bin/fake-vllm-python`` given as ``--vllm-python``. Environment knobs:
-``FAKE_VLLM_STARTUP_S`` (seconds before /health answers), ``FAKE_VLLM_TTFT_S`` and
-``FAKE_VLLM_TOKEN_S`` (latency; the per-token delay grows with the requests in flight beyond
-``--max-num-seqs``, so throughput responds to batching), ``FAKE_VLLM_FAIL`` (``oom`` or
+``FAKE_VLLM_STARTUP_S`` (seconds from the process's start before /health answers),
+``FAKE_VLLM_TTFT_S`` and ``FAKE_VLLM_TOKEN_S`` (latency; the per-token delay grows with the
+requests in flight beyond ``--max-num-seqs``, so throughput responds to batching),
+``FAKE_VLLM_FAIL`` (``oom`` or
 ``unsupported``: log vLLM's message for that failure and exit 1), ``VLLM_API_KEY`` (require
 ``Authorization: Bearer KEY``, answer 401 otherwise, as vLLM does), ``FAKE_VLLM_SHM=1`` (map a
 /dev/shm file, logged as ``shm PATH``, removed on a clean exit). The log says ``fake vLLM:
@@ -17,18 +18,24 @@ cache queries and hits as vLLM does (off with ``--no-enable-prefix-caching``).
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import os
-import signal
-import sys
-from pathlib import Path
+import time
+
+# FAKE_VLLM_STARTUP_S counts from here: the imports below (aiohttp, 0.4 s of CPU) are part of
+# the start-up, not added to it, so a trial costs fixed seconds on a busy machine too.
+STARTED = time.monotonic()
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiohttp import web
+from aiohttp import web  # noqa: E402
 
-from tests.fakes import Behaviour, FakeServer
+from tests.fakes import Behaviour, FakeServer  # noqa: E402
 
 FAILURES = {
     "oom": "ValueError: No available memory for the cache blocks. Try increasing "
@@ -54,7 +61,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> None:
     env = os.environ
     shm = _map_shm() if env.get("FAKE_VLLM_SHM") else None  # mapped early, as vLLM does
-    await asyncio.sleep(float(env.get("FAKE_VLLM_STARTUP_S", "0.5")))
+    startup_s = float(env.get("FAKE_VLLM_STARTUP_S", "0.5"))
+    await asyncio.sleep(max(0.0, startup_s - (time.monotonic() - STARTED)))
     behaviour = Behaviour(
         ttft_s=float(env.get("FAKE_VLLM_TTFT_S", "0.01")),
         token_delay_s=float(env.get("FAKE_VLLM_TOKEN_S", "0.002")),

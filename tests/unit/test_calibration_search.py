@@ -5,17 +5,22 @@ and ``vtune estimate --calibration``."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
-from tuner.analytic.calibrate import predict_point
+from tuner.analytic import calibrate as calibrate_mod
+from tuner.analytic.calibrate import predict_point, prefix_fit
 from tuner.analytic.estimate import Efficiency, ServingConfig, estimate
 from tuner.cli import cli
 from tuner.plan.prune import Planned, Target, Variant, feasible_concurrency, plan
 from tuner.plan.space import Space
+from tuner.search import fleet_run
 from tuner.search.analytic_queue import AnalyticQueue
 from tuner.search.calibration import (
     RULE_CALIBRATED,
@@ -29,7 +34,9 @@ from tuner.search.calibration import (
 from tuner.search.record import STATE_COMPLETE, SearchRecord, TrialRecord
 from tuner.search.record_parts import CalibrationInfo, GpuInfo
 from tuner.search.runner import Search, SearchSettings, TrialStore, make_sampler, queue_all
+from tuner.search.storage import journal_url
 from tuner.search.study import open_study, storage_url
+from tuner.search.workers import tell_record
 from tuner.specs.gpu import get_gpu
 from tuner.specs.model import load_model
 
@@ -300,3 +307,70 @@ def test_estimate_refuses_a_record_it_cannot_use_in_one_line(
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.output
+
+
+def counting_fits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Empties the prefix fits kept so far; the list grows by one per prefix fitted."""
+    calls: list[int] = []
+    real = calibrate_mod.fit
+    monkeypatch.setattr(calibrate_mod, "fit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prefix_fit.cache_clear()
+    return calls
+
+
+def test_the_unseen_errors_keep_each_prefix_fit_and_a_worker_writes_no_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    records = [measured(x, i) for i, x in enumerate(plan(H100_SPACE, H100).all())]
+    assert len(records) >= 6
+    expected = OnlineCalibration(H100).info(records)
+    assert expected is not None and expected.mape_after is not None
+    assert OnlineCalibration(H100, summary=False).info(records) is None  # a fleet's worker
+
+    calls = counting_fits(monkeypatch)
+    cal = OnlineCalibration(H100)
+    cal.unseen_mape(records[:4])  # trials 1-3, each predicted by the fit to those before it
+    assert len(calls) == 3
+    cal.unseen_mape(reversed(records[:4]))  # the trials' order is their numbers', kept
+    assert len(calls) == 3
+    assert cal.info(records) == expected  # the same block; only the new prefixes fitted
+    assert len(calls) == len(records) - 1
+
+
+def test_a_fleets_parent_fits_the_finished_trials_while_the_workers_measure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tuner.search.fleet_run.Warmup on a real journal study: once a trial has finished it
+    imports the final run's modules, then fits the prefixes of what finished; the final run's
+    calibration block then costs no prefix fit."""
+    records = [measured(x, i) for i, x in enumerate(plan(H100_SPACE, H100).all())]
+    expected_before, expected_after = OnlineCalibration(H100).unseen_mape(records)
+    study = open_study(journal_url(tmp_path / "s.journal"), "s", ["maximize"], None)
+    prep = SimpleNamespace(target=H100, config=SimpleNamespace(settings=SearchSettings()))
+    monkeypatch.setattr(fleet_run, "WARMUP_S", 0.05)
+    calls = counting_fits(monkeypatch)
+    imported = threading.Event()
+    warmup = fleet_run.Warmup(prep, study, imported.set)  # type: ignore[arg-type]
+    warmup.start()
+    try:
+        time.sleep(0.3)
+        assert not imported.is_set() and not calls  # nothing finished: the workers start
+
+        def finish(batch: list[TrialRecord]) -> None:
+            for record in batch:
+                tell_record(study, study.ask(), record, record.objective)
+            deadline = time.monotonic() + 30
+            while len(calls) < batch[-1].number and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        finish(records[:3])
+        assert imported.is_set() and len(calls) == 2
+        finish(records[3:])
+        assert len(calls) == len(records) - 1
+    finally:
+        warmup.done.set()
+        warmup.join(timeout=30)
+    assert not warmup.is_alive()
+    before = len(calls)
+    assert OnlineCalibration(H100).unseen_mape(records) == (expected_before, expected_after)
+    assert len(calls) == before  # every prefix was fitted while the workers measured

@@ -32,6 +32,7 @@ figures ``vtune probe`` measured, where it has, and the factors are fractions of
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -232,7 +233,7 @@ def prequential(
         if not group:
             continue
         if seen:
-            eff = fit(seen, prior).efficiency
+            eff = prefix_fit(tuple(seen), prior)
             after = [predict_point(eff, p) for p in group]
             truth = [p.tokens_per_s for p in group]
             pred_after += after
@@ -241,6 +242,14 @@ def prequential(
             per_group.append(mape(after, truth) or 0.0)
         seen += group
     return mape(pred_before, measured), mape(pred_after, measured), per_group
+
+
+@functools.lru_cache(maxsize=256)
+def prefix_fit(points: tuple[FitPoint, ...], prior: Efficiency) -> Efficiency:
+    """``fit(points, prior).efficiency``, kept: :func:`prequential` fits every prefix of the
+    trials again at each call, and a fleet's parent computes the prefixes of the finished
+    trials while its workers measure, so that its final record costs the last few only."""
+    return fit(points, prior).efficiency
 
 
 # --- the search -----------------------------------------------------------------------------

@@ -229,8 +229,6 @@ class _SearchCommand(click.Command):
 @metrics_options
 def search(**o: Any) -> None:
     """Search vLLM settings for the best throughput under an SLO and write the profile."""
-    from tuner.cli.console import print_plan
-    from tuner.cli.plan_screen import plan_json
     from tuner.errors import ParameterError
     from tuner.search import fleet, fleet_run
     from tuner.search.prepare import prepare
@@ -242,6 +240,9 @@ def search(**o: Any) -> None:
     if o["fleet_worker"]:  # one of the workers of `--workers N`: trials only, no screen
         fleet_run.run_worker(prep, workers, o["fleet_worker"], click.echo)
         return
+    from tuner.cli.console import print_plan  # not a worker's: it prints no plan
+    from tuner.cli.plan_screen import plan_json
+
     for line in prep.warnings:
         click.echo(f"vtune: warning: {line}", err=True)
     if o["as_json"]:
@@ -254,8 +255,17 @@ def search(**o: Any) -> None:
         return
     if workers is not None:  # pinned here, or the workers run; then the finalists, the profile
         args = click.get_current_context().meta["vtune_search_args"]
-        prep = fleet_run.run_workers(prep, workers, args, click.echo)
+        prep = fleet_run.run_workers(prep, workers, args, click.echo, _final_imports)
     _run(prep, o)
+
+
+def _final_imports() -> None:
+    """The modules :func:`_run` imports, for a fleet's parent to import while its workers
+    measure (tuner.search.fleet_run.Warmup)."""
+    import tuner.cli.console
+    import tuner.cli.progress
+    import tuner.outputs.prometheus
+    import tuner.search.outcome  # noqa: F401
 
 
 def _run(prep: Any, o: dict[str, Any]) -> None:

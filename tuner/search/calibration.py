@@ -163,12 +163,19 @@ class OnlineCalibration:
     The factors are fractions of ``target.gpu``'s peaks (a search's GPU entry carries the
     probed figures where ``vtune probe`` measured this device: the probe is the prior).
     ``prior`` (default: the estimator's constants) is where each fit starts; the plan's own
-    model (the estimator's defaults) is the "before" every error is compared with."""
+    model (the estimator's defaults) is the "before" every error is compared with.
+    ``summary=False``: no record block (:meth:`info` is None): a fleet's worker, whose
+    parent writes the record (the block refits once per trial: seconds on a busy node)."""
 
     def __init__(
-        self, target: Target, objective: str = "throughput", prior: Efficiency | None = None
+        self,
+        target: Target,
+        objective: str = "throughput",
+        prior: Efficiency | None = None,
+        *,
+        summary: bool = True,
     ) -> None:
-        self.target, self.objective = target, objective
+        self.target, self.objective, self.summary = target, objective, summary
         self.prior = prior or Efficiency()
         self.current = Calibration(self.prior, 0, None, None, (), (), self.prior)
         self.trials_used = 0
@@ -252,13 +259,14 @@ class OnlineCalibration:
 
     def info(self, records: Iterable[TrialRecord]) -> CalibrationInfo | None:
         """The record's block: the final fit and the errors on unseen trials (the trials in
-        the order they ran); None when no trial measured a point."""
-        ordered = sorted(records, key=lambda r: (r.number is None, r.number or 0, r.name))
+        the order they ran); None when no trial measured a point, or without ``summary``."""
+        if not self.summary:
+            return None
+        ordered = _in_order(records)
         final = self.refit(ordered)
         if final.points_used == 0:
             return None
-        groups = [trial_points(r, self.target) for r in ordered]
-        before, after, _ = prequential(groups, self.prior, before=Efficiency())
+        before, after = self.unseen_mape(ordered)
         return CalibrationInfo(
             factors=_factors(final.efficiency),
             peaks=peak_figures(self.target.gpu),
@@ -272,6 +280,15 @@ class OnlineCalibration:
             fit_mape_after=_round(final.mape_after),
         )
 
+    def unseen_mape(self, records: Iterable[TrialRecord]) -> tuple[float | None, float | None]:
+        """MAPE on unseen trials (:func:`prequential`, the trials in the order they ran):
+        the plan's model's, the running fit's. Each prefix's fit is kept
+        (:func:`tuner.analytic.calibrate.prefix_fit`): called on the trials finished so
+        far, it prepares a later call on more of them."""
+        groups = [trial_points(r, self.target) for r in _in_order(records)]
+        before, after, _ = prequential(groups, self.prior, before=Efficiency())
+        return before, after
+
     def _model(self, planned: Planned) -> StepModel | None:
         if planned.name not in self._models:
             cand = planned.candidate
@@ -279,6 +296,10 @@ class OnlineCalibration:
                 cand.knobs(), cand.quantization or "none", self.target
             )
         return self._models[planned.name]
+
+
+def _in_order(records: Iterable[TrialRecord]) -> list[TrialRecord]:
+    return sorted(records, key=lambda r: (r.number is None, r.number or 0, r.name))
 
 
 def load_calibration(path: str | Path, gpu: GpuSpec) -> tuple[SearchRecord, Efficiency]:

@@ -25,6 +25,7 @@ profile when at least one worker ended normally, i.e. with the whole study.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -52,14 +53,23 @@ from tuner.search.prepare import Prepared
 PARENT_ENV = "VTUNE_FLEET_PARENT"
 STOP_WAIT_S = 60.0  # a stopped child stops its vLLM (10 s grace) and saves what it finished
 POLL_S = 0.2
+WARMUP_S = 1.0  # how often the parent looks for newly finished trials to fit (Warmup)
+log = logging.getLogger(__name__)
 RESUME_HINT = "finished trials are saved — rerun the same command to resume"  # as the CLI's
 Echo = Callable[..., None]  # click.echo: (text, err=False)
 
 
-def run_workers(prep: Prepared, plan: FleetPlan, args: Sequence[str], echo: Echo) -> Prepared:
+def run_workers(
+    prep: Prepared,
+    plan: FleetPlan,
+    args: Sequence[str],
+    echo: Echo,
+    imports: Callable[[], None] | None = None,
+) -> Prepared:
     """One slot: pin this process to it; returns ``prep``. More: open the study, run one child
-    per slot to its end (:class:`Fleet`), and return the prep of the parent's own final run
-    (the shared storage; no time left for trials). Interrupted, WorkerFailed as the module
+    per slot to its end (:class:`Fleet`; meanwhile :class:`Warmup` readies the final run, with
+    ``imports``: the caller's modules for it), and return the prep of the parent's own final
+    run (the shared storage; no time left for trials). Interrupted, WorkerFailed as the module
     docstring says."""
     if plan.size == 1:
         pin(prep, plan.slots[0])
@@ -80,7 +90,15 @@ def run_workers(prep: Prepared, plan: FleetPlan, args: Sequence[str], echo: Echo
         out = str(root / slot.label)
         return [sys.executable, "-m", "tuner", "search", *child_args(args, slot, out, url)]
 
-    ends = Fleet(plan, argv, echo).run()
+    warmup = Warmup(prep, study, imports)
+    warmup.start()
+    try:
+        ends = Fleet(plan, argv, echo).run()
+    except BaseException:
+        warmup.done.set()  # a daemon: the stop goes on without it
+        raise
+    warmup.done.set()
+    warmup.join()  # what it computes now, the final run would compute anyway
     if all(e.returncode != 0 for e in ends):
         raise WorkerFailed(
             f"every worker died ({', '.join(f'{e.label} {e.how()}' for e in ends)}); finished "
@@ -92,6 +110,46 @@ def run_workers(prep: Prepared, plan: FleetPlan, args: Sequence[str], echo: Echo
     settings = replace(prep.config.settings, time_budget_s=0.0)  # the children spent it
     prep.config = replace(prep.config, settings=settings)
     return prep
+
+
+class Warmup(threading.Thread):
+    """While the workers measure, the parent readies its final run: once a trial has finished
+    it imports that run's modules, then fits the calibration block's prefixes on the trials
+    finished so far (:meth:`tuner.search.calibration.OnlineCalibration.unseen_mape` keeps each
+    fit). It saves time after the last trial, which no worker shares: about 1 s of imports and
+    1-2 s of fits (48 trials, two busy cores). Best effort: whatever fails here, the final run
+    meets again and reports."""
+
+    def __init__(self, prep: Prepared, study: Any, imports: Callable[[], None] | None) -> None:
+        super().__init__(name="vtune-warmup", daemon=True)
+        self.prep, self.study, self.imports = prep, study, imports
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            from tuner.search.study import finished_records
+
+            calibration = None
+            seen = 0
+            while not self.done.wait(WARMUP_S):
+                records = finished_records(self.study)
+                if len(records) == seen:
+                    continue
+                seen = len(records)
+                if calibration is None:  # not while the workers start: they import too
+                    calibration = self._imported()
+                calibration.unseen_mape(records.values())
+        except Exception:  # an optimisation only
+            log.debug("fleet warm-up failed", exc_info=True)
+
+    def _imported(self) -> Any:
+        """Import the final run's modules; the calibration its Search makes."""
+        if self.imports is not None:
+            self.imports()
+        from tuner.search import run as _final_run  # noqa: F401  (its modules, imported)
+        from tuner.search.calibration import OnlineCalibration
+
+        return OnlineCalibration(self.prep.target, self.prep.config.settings.objective)
 
 
 @dataclass(frozen=True)
@@ -222,10 +280,12 @@ def _failed(child: _Child) -> bool:
 def run_worker(prep: Prepared, plan: FleetPlan | None, label: str, echo: Echo) -> None:
     """A fleet's worker (the child): pinned to its slot, it measures trials of the shared
     study until the study has them all, as every worker of a study does
-    (:mod:`tuner.search.workers`), then ends: no finalist re-runs, no profile, no lease
-    (the parent's final run does those once). Trials are labelled ``<host>/<label>`` (so
-    that sibling workers never take each other for a dead run of this host)."""
+    (:mod:`tuner.search.workers`), then ends: no finalist re-runs, no profile, no lease, no
+    calibration block (the parent's final run does those once). Trials are labelled
+    ``<host>/<label>`` (so that sibling workers never take each other for a dead run of this
+    host)."""
     from tuner.search import study as study_mod
+    from tuner.search.calibration import OnlineCalibration
     from tuner.search.events import Fanout
     from tuner.search.prepare import storage_for
     from tuner.search.profile import out_lock
@@ -250,8 +310,10 @@ def run_worker(prep: Prepared, plan: FleetPlan | None, label: str, echo: Echo) -
         study = open_study(storage_for(prep), prep.study_name, directions(settings), sampler)
         runner = VllmTrialRunner(trial_setup(prep), observer)
         store = TrialStore(prep.work_dir)
+        calibration = OnlineCalibration(prep.target, settings.objective, summary=False)
         search = Search(
-            study, prep.plan, prep.space, prep.target, runner, settings, store, observer
+            *(study, prep.plan, prep.space, prep.target, runner, settings, store, observer),
+            calibration=calibration,
         )
         result = search.run()
     echo(f"done: {lines.measured} trials measured here, {len(result.records)} in the study")
@@ -288,4 +350,4 @@ class TrialLines:
         self.echo(f"trial {trial.number} {trial.name}: {trial.state}{why}, objective {value}")
 
 
-__all__ = ["Fleet", "TrialLines", "WorkerEnd", "run_worker", "run_workers"]
+__all__ = ["Fleet", "TrialLines", "Warmup", "WorkerEnd", "run_worker", "run_workers"]

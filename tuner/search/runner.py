@@ -152,6 +152,7 @@ class Search:
                     continue
                 break
             done.update(finished_records(self.study))
+            self.calibration.refit(done.values())  # once a loop: with the other workers' too
             self._requeue(fail_stale(self.study, settle=False), done)
             queue.pruned += self.screen.maybe_run(done, grid)  # once, after the baseline
             if not self._waiting():
@@ -176,7 +177,6 @@ class Search:
                 continue
             idle = 0
             done[record.name] = record
-            self.calibration.refit(done.values())
             if record.baseline:
                 self.observer.on_phase("trials")
             environment_failures = environment_failures + 1 if record.environment_failure else 0
