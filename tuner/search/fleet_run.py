@@ -312,7 +312,14 @@ def run_worker(prep: Prepared, plan: FleetPlan | None, label: str, echo: Echo) -
         store = TrialStore(prep.work_dir)
         calibration = OnlineCalibration(prep.target, settings.objective, summary=False)
         search = Search(
-            *(study, prep.plan, prep.space, prep.target, runner, settings, store, observer),
+            study,
+            prep.plan,
+            prep.space,
+            prep.target,
+            runner,
+            settings,
+            store,
+            observer,
             calibration=calibration,
         )
         result = search.run()
