@@ -356,10 +356,10 @@ def test_higher_concurrency_gives_higher_throughput_and_latency(vllm_server, tin
         one.output_throughput,
         many.output_throughput,
     )
-    # Latency: end to end, and per output token. (Not TTFT: at concurrency 1 vLLM CPU on two
-    # cores often streams a request's tokens in one burst at its end, so TTFT ~ E2E there.)
-    assert many.e2el.mean > one.e2el.mean
-    assert many.tpot.mean > one.tpot.mean
+    # Latency end to end. Not TTFT or TPOT: vLLM CPU on two cores often streams a request's
+    # tokens in one burst at its end, so TTFT ~ E2E and TPOT ~ 0 for such a request (CI saw a
+    # median TPOT of 0 at concurrency 16, its mean below the one at concurrency 1).
+    assert many.e2el.mean > one.e2el.mean and many.e2el.median > one.e2el.median
     assert one.peak_in_flight == 1 and 8 < many.peak_in_flight <= 16
 
 
