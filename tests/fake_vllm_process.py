@@ -7,13 +7,12 @@ Run it through ``tests/bin/fake-vllm-python`` given as ``--vllm-python``. Enviro
 ``FAKE_VLLM_STARTUP_S`` (seconds from the process's start before /health answers),
 ``FAKE_VLLM_TTFT_S`` and ``FAKE_VLLM_TOKEN_S`` (latency; the per-token delay grows with the
 requests in flight beyond ``--max-num-seqs``, so throughput responds to batching),
-``FAKE_VLLM_FAIL`` (``oom`` or
-``unsupported``: log vLLM's message for that failure and exit 1), ``VLLM_API_KEY`` (require
-``Authorization: Bearer KEY``, answer 401 otherwise, as vLLM does), ``FAKE_VLLM_SHM=1`` (map a
-/dev/shm file, logged as ``shm PATH``, removed on a clean exit). The log says ``fake vLLM:
-first request`` when the load begins, and ``fake vLLM: cpus 0,1 bind 0-1 port N`` once it
-listens (its CPU affinity and ``VLLM_CPU_OMP_THREADS_BIND``). ``/metrics`` counts prefix
-cache queries and hits as vLLM does (off with ``--no-enable-prefix-caching``).
+``FAKE_VLLM_FAIL`` (``oom`` or ``unsupported``: log vLLM's message for that failure and exit 1),
+``VLLM_API_KEY`` (require ``Authorization: Bearer KEY``, answer 401 otherwise, as vLLM does),
+``FAKE_VLLM_SHM=1`` (map a /dev/shm file, logged as ``shm PATH``, removed on a clean exit). The
+log says ``fake vLLM: first request`` when the load begins, and ``fake vLLM: cpus 0,1 bind 0-1
+port N`` once it listens (its CPU affinity and ``VLLM_CPU_OMP_THREADS_BIND``). ``/metrics``
+counts prefix cache queries and hits as vLLM does (off with ``--no-enable-prefix-caching``).
 """
 
 from __future__ import annotations

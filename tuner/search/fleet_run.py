@@ -94,10 +94,8 @@ def run_workers(
     warmup.start()
     try:
         ends = Fleet(plan, argv, echo).run()
-    except BaseException:
-        warmup.done.set()  # a daemon: the stop goes on without it
-        raise
-    warmup.done.set()
+    finally:
+        warmup.done.set()  # on a stop, not waited for: a daemon
     warmup.join()  # what it computes now, the final run would compute anyway
     if all(e.returncode != 0 for e in ends):
         raise WorkerFailed(
